@@ -1,0 +1,23 @@
+use fhe_ir::IrError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Ir(#[from] IrError),
+    #[error("missing input `{name}` (expected {expected})")]
+    MissingInput { name: String, expected: String },
+    #[error("unknown input `{name}`; the model's inputs are {known:?}")]
+    UnknownInput { name: String, known: Vec<String> },
+    #[error("input `{name}` is {found}, the model expects {expected}")]
+    InputType { name: String, expected: String, found: String },
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path}` is not a valid safetensors file: {what}")]
+    Safetensors { path: String, what: String },
+    #[error("artifact `{dir}`: {what}")]
+    Artifact { dir: String, what: String },
+}

@@ -1,0 +1,9 @@
+//! fhe-exec: runs fhe-ir graphs in clear and reads and writes compiled artifacts.
+
+pub mod artifact;
+mod error;
+mod plan;
+pub mod tensor_io;
+
+pub use error::ExecError;
+pub use plan::{Model, Plan};

@@ -1,0 +1,160 @@
+//! Running a graph in clear: a specialized graph is turned into a flat schedule once, then
+//! run many times. Values are dropped right after their last use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use fhe_ir::{specialize, Fact, Graph, NodeBody, NodeId, Op, OutletId, Tensor};
+
+use crate::ExecError;
+
+/// One scheduled op: where its operands are and where its results go.
+struct Step {
+    node: NodeId,
+    op: Arc<dyn Op>,
+    inputs: Vec<usize>,
+    outputs: Vec<usize>,
+    /// Value slots whose last reader is this step.
+    release: Vec<usize>,
+}
+
+/// A schedule for one set of input shapes.
+pub struct Plan {
+    graph: Graph,
+    steps: Vec<Step>,
+    /// Constants, placed into their slots at the start of each run.
+    constants: Vec<(usize, Arc<Tensor>)>,
+    inputs: Vec<(String, usize, Fact)>,
+    outputs: Vec<(String, usize)>,
+    n_slots: usize,
+}
+
+impl Plan {
+    pub fn new(graph: &Graph, shapes: &HashMap<String, Vec<usize>>) -> Result<Plan, ExecError> {
+        let spec = specialize(graph, shapes)?;
+        let graph = spec.graph;
+        let mut slot_of: HashMap<OutletId, usize> = HashMap::new();
+        let order = graph.topo_order()?;
+        for &id in &order {
+            for slot in 0..graph.node(id).n_outputs {
+                let next = slot_of.len();
+                slot_of.insert(OutletId::new(id, slot), next);
+            }
+        }
+        let mut last_reader: HashMap<usize, usize> = HashMap::new();
+        let mut steps = Vec::new();
+        let mut constants = Vec::new();
+        let mut inputs = Vec::new();
+        for &id in &order {
+            let node = graph.node(id);
+            match &node.body {
+                NodeBody::Input(_) => {
+                    let outlet = OutletId::new(id, 0);
+                    inputs.push((node.name.clone(), slot_of[&outlet], spec.facts[&outlet].clone()));
+                }
+                NodeBody::Const(value) => constants.push((slot_of[&OutletId::new(id, 0)], value.clone())),
+                NodeBody::Op(op) => {
+                    let step_inputs: Vec<usize> = node.inputs.iter().map(|i| slot_of[i]).collect();
+                    for &s in &step_inputs {
+                        last_reader.insert(s, steps.len());
+                    }
+                    steps.push(Step {
+                        node: id,
+                        op: op.clone(),
+                        inputs: step_inputs,
+                        outputs: (0..node.n_outputs).map(|s| slot_of[&OutletId::new(id, s)]).collect(),
+                        release: vec![],
+                    });
+                }
+            }
+        }
+        let outputs: Vec<(String, usize)> = graph.outputs().iter().map(|o| (o.name.clone(), slot_of[&o.outlet])).collect();
+        for (slot, step) in last_reader {
+            if !outputs.iter().any(|(_, s)| *s == slot) {
+                steps[step].release.push(slot);
+            }
+        }
+        Ok(Plan { graph, steps, constants, inputs, outputs, n_slots: slot_of.len() })
+    }
+
+    /// Facts of the graph inputs this plan was made for.
+    pub fn input_facts(&self) -> impl Iterator<Item = (&str, &Fact)> {
+        self.inputs.iter().map(|(n, _, f)| (n.as_str(), f))
+    }
+
+    /// Runs the plan; inputs by name, outputs in graph order.
+    pub fn run(&self, mut inputs: HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, ExecError> {
+        let mut slots: Vec<Option<Arc<Tensor>>> = vec![None; self.n_slots];
+        for (slot, value) in &self.constants {
+            slots[*slot] = Some(value.clone());
+        }
+        for (name, slot, fact) in &self.inputs {
+            let value = inputs
+                .remove(name)
+                .ok_or_else(|| ExecError::MissingInput { name: name.clone(), expected: fact.to_string() })?;
+            if value.dtype() != fact.dtype || value.shape() != fact.shape.as_slice() {
+                return Err(ExecError::InputType {
+                    name: name.clone(),
+                    expected: fact.to_string(),
+                    found: format!("{}{:?}", value.dtype(), value.shape()),
+                });
+            }
+            slots[*slot] = Some(Arc::new(value));
+        }
+        if let Some(name) = inputs.keys().next() {
+            return Err(ExecError::UnknownInput { name: name.clone(), known: self.inputs.iter().map(|i| i.0.clone()).collect() });
+        }
+        for step in &self.steps {
+            let operands: Vec<&Tensor> = step.inputs.iter().map(|&s| slots[s].as_deref().expect("scheduled after its inputs")).collect();
+            let node = self.graph.node(step.node);
+            let results = step.op.eval(&operands).map_err(|e| e.in_node(&node.name, step.op.kind()))?;
+            for (slot, value) in step.outputs.iter().zip(results) {
+                slots[*slot] = Some(Arc::new(value));
+            }
+            for &slot in &step.release {
+                slots[slot] = None;
+            }
+        }
+        Ok(self
+            .outputs
+            .iter()
+            .map(|(name, slot)| {
+                let value = slots[*slot].clone().expect("outputs are computed");
+                (name.clone(), Arc::try_unwrap(value).unwrap_or_else(|shared| (*shared).clone()))
+            })
+            .collect())
+    }
+}
+
+/// A model ready to run on inputs of any accepted shape; plans are made once per shape.
+pub struct Model {
+    graph: Graph,
+    plans: Mutex<HashMap<Vec<(String, Vec<usize>)>, Arc<Plan>>>,
+}
+
+impl Model {
+    pub fn new(graph: Graph) -> Model {
+        Model { graph, plans: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The plan for these input shapes, made on first use.
+    pub fn plan(&self, shapes: &HashMap<String, Vec<usize>>) -> Result<Arc<Plan>, ExecError> {
+        let mut key: Vec<(String, Vec<usize>)> = shapes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        key.sort();
+        if let Some(plan) = self.plans.lock().unwrap().get(&key) {
+            return Ok(plan.clone());
+        }
+        let plan = Arc::new(Plan::new(&self.graph, shapes)?);
+        self.plans.lock().unwrap().insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    pub fn run(&self, inputs: HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, ExecError> {
+        let shapes = inputs.iter().map(|(k, v)| (k.clone(), v.shape().to_vec())).collect();
+        self.plan(&shapes)?.run(inputs)
+    }
+}

@@ -1,0 +1,67 @@
+//! Tensors to and from safetensors files.
+
+use std::path::Path;
+
+use fhe_ir::Tensor;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::ExecError;
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ExecError + '_ {
+    move |source| ExecError::Io { path: path.display().to_string(), source }
+}
+
+/// Little-endian bytes of a tensor in row-major order, with its safetensors dtype.
+pub fn tensor_bytes(t: &Tensor) -> (Dtype, Vec<u8>) {
+    match t {
+        Tensor::F32(a) => (Dtype::F32, a.as_standard_layout().iter().flat_map(|v| v.to_le_bytes()).collect()),
+        Tensor::I64(a) => (Dtype::I64, a.as_standard_layout().iter().flat_map(|v| v.to_le_bytes()).collect()),
+        Tensor::Bool(a) => (Dtype::BOOL, a.as_standard_layout().iter().map(|&v| v as u8).collect()),
+    }
+}
+
+pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<(), ExecError> {
+    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let (dtype, bytes) = tensor_bytes(t);
+            (name.clone(), dtype, t.shape().to_vec(), bytes)
+        })
+        .collect();
+    let views = encoded
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ExecError::Safetensors { path: path.display().to_string(), what: e.to_string() })?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| ExecError::Safetensors { path: path.display().to_string(), what: e.to_string() })?;
+    std::fs::write(path, bytes).map_err(io_error(path))
+}
+
+/// Reads every tensor of a safetensors file, sorted by name.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>, ExecError> {
+    let bytes = std::fs::read(path).map_err(io_error(path))?;
+    decode_safetensors(&bytes).map_err(|what| ExecError::Safetensors { path: path.display().to_string(), what })
+}
+
+pub fn decode_safetensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (name, view) in file.tensors() {
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        let tensor = match view.dtype() {
+            Dtype::F32 => Tensor::from_f32(&shape, data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::I64 => Tensor::from_i64(&shape, data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+            Dtype::I32 => Tensor::from_i64(&shape, data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+            Dtype::BOOL => Tensor::from_bool(&shape, data.iter().map(|&b| b != 0).collect()),
+            other => return Err(format!("tensor `{name}` has element type {other:?}; f32, i64, i32 and bool are supported")),
+        }
+        .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        out.push((name, tensor));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
