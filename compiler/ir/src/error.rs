@@ -9,7 +9,7 @@ pub enum IrError {
     Invalid(String),
     #[error("node `{node}` ({op_type}): {what}")]
     Attribute { node: String, op_type: String, what: String },
-    #[error("node `{node}` ({kind}): {source}")]
+    #[error("node `{node}` ({kind})")]
     Node {
         node: String,
         kind: String,
