@@ -14,14 +14,10 @@ use protobuf::Message;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
-    #[error("cannot read `{path}`: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read `{path}`: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("not a valid ONNX model: protobuf decoding failed ({0}); pass an .onnx file as written by torch.onnx.export, complete and uncorrupted")]
-    Decode(#[source] protobuf::Error),
+    Decode(protobuf::Error),
     #[error("not an ONNX model: {0}; pass an .onnx file as written by torch.onnx.export")]
     NotAModel(String),
     #[error("node `{node}` uses op `{op_type}`{domain}, which fhe-lora does not support; supported ops: {supported}")]
@@ -43,7 +39,7 @@ pub struct Imported {
 }
 
 pub fn import_file(path: &Path, registry: &Registry) -> Result<Imported, OnnxError> {
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io { path: path.display().to_string(), source })?;
+    let bytes = std::fs::read(path).map_err(|error| OnnxError::Io { path: path.display().to_string(), error })?;
     import_bytes(&bytes, registry)
 }
 

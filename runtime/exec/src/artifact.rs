@@ -86,13 +86,13 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ExecError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| ExecError::Io { path: path.display().to_string(), source })
+        .map_err(|error| ExecError::Io { path: path.display().to_string(), error })
 }
 
 /// Writes `graph` as an artifact into `dir` (created if needed). The manifest is written
 /// last, so a directory without one is recognisably incomplete.
 pub fn write_artifact(dir: &Path, graph: &Graph, source: SourceInfo) -> Result<Manifest, ExecError> {
-    std::fs::create_dir_all(dir).map_err(|source| ExecError::Io { path: dir.display().to_string(), source })?;
+    std::fs::create_dir_all(dir).map_err(|error| ExecError::Io { path: dir.display().to_string(), error })?;
     let order = graph.topo_order()?;
     let index: HashMap<_, _> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     let mut weights: Vec<(String, &Tensor)> = Vec::new();
@@ -127,8 +127,8 @@ pub fn write_artifact(dir: &Path, graph: &Graph, source: SourceInfo) -> Result<M
     let weights_path = dir.join(WEIGHTS_FILE);
     write_safetensors(&weights_path.with_extension("tmp"), &weights)?;
     std::fs::rename(weights_path.with_extension("tmp"), &weights_path)
-        .map_err(|source| ExecError::Io { path: weights_path.display().to_string(), source })?;
-    let weights_bytes = std::fs::read(&weights_path).map_err(|source| ExecError::Io { path: weights_path.display().to_string(), source })?;
+        .map_err(|error| ExecError::Io { path: weights_path.display().to_string(), error })?;
+    let weights_bytes = std::fs::read(&weights_path).map_err(|error| ExecError::Io { path: weights_path.display().to_string(), error })?;
     let manifest = Manifest {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,

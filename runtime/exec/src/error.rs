@@ -10,12 +10,8 @@ pub enum ExecError {
     UnknownInput { name: String, known: Vec<String> },
     #[error("input `{name}` is {found}, the model expects {expected}")]
     InputType { name: String, expected: String, found: String },
-    #[error("cannot read `{path}`: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot access `{path}`: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("`{path}` is not a valid safetensors file: {what}")]
     Safetensors { path: String, what: String },
     #[error("artifact `{dir}`: {what}")]

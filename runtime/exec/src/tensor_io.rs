@@ -8,7 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::ExecError;
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ExecError + '_ {
-    move |source| ExecError::Io { path: path.display().to_string(), source }
+    move |error| ExecError::Io { path: path.display().to_string(), error }
 }
 
 /// Little-endian bytes of a tensor in row-major order, with its safetensors dtype.
