@@ -20,6 +20,7 @@ use tract_onnx::prelude::{self as tract, Framework, InferenceModelExt, IntoRunna
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
     fhe_ops_std::register_all(&mut registry);
+    fhe_ops_linear::register_all(&mut registry);
     registry
 }
 

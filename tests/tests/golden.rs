@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use fhe_exec::artifact::{read_artifact, write_artifact, SourceInfo};
+use fhe_exec::artifact::{read_graphs, write_graphs};
 use fhe_exec::tensor_io::read_safetensors;
 use fhe_exec::Model;
 use fhe_ir::{NodeBody, Tensor};
@@ -11,14 +11,14 @@ use fhe_tests::{max_abs_diff, registry, repo_path, Random, TractModel};
 
 const TOLERANCE: f32 = 1e-4;
 
-/// Imports, writes an artifact, reads it back: what the runtime will run.
+/// Imports, writes the graph as an artifact would, reads it back.
 fn compiled(model: &str) -> (Model, Vec<u8>) {
     let bytes = std::fs::read(repo_path(model)).unwrap();
     let imported = fhe_onnx::import_bytes(&bytes, &registry()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let source = SourceInfo { file: model.into(), sha256: String::new(), opset: imported.opset, producer: imported.producer };
-    write_artifact(dir.path(), &imported.graph, source).unwrap();
-    let (graph, _) = read_artifact(dir.path(), &registry()).unwrap();
+    let mut files = write_graphs(dir.path(), &[("model", &imported.graph)], "weights.safetensors").unwrap();
+    let weights = files.pop().unwrap();
+    let graph = read_graphs(dir.path(), &files, &weights, &registry()).unwrap().remove(0);
     (Model::new(graph), bytes)
 }
 

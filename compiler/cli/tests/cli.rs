@@ -50,7 +50,7 @@ fn compiles_next_to_the_model_by_default_and_checks_io() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     assert!(dir.path().join("gpt2.fhe/manifest.json").is_file());
-    assert!(stdout.contains("logits: max |Δ| =") && stdout.contains("(ok)"), "{stdout}");
+    assert!(stdout.contains("logits, server layers in f32: max |Δ| =") && stdout.contains("(ok)"), "{stdout}");
 }
 
 #[test]

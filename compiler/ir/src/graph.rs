@@ -41,7 +41,7 @@ impl OutletId {
 }
 
 /// What a node is: a graph input, a constant, or an op from a plugin.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum NodeBody {
     Input(InputSpec),
     Const(Arc<Tensor>),
@@ -59,7 +59,7 @@ impl NodeBody {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Node {
     pub name: String,
     pub body: NodeBody,
@@ -94,7 +94,7 @@ struct InputSlot(usize);
 
 /// A dataflow graph. `Node::inputs` is the source of truth; the petgraph edges mirror it so
 /// graph algorithms (topological order, reachability) come from petgraph.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Graph {
     g: StableDiGraph<Node, InputSlot>,
     inputs: Vec<NodeId>,
@@ -168,6 +168,47 @@ impl Graph {
             )));
         }
         Ok(())
+    }
+
+    /// Makes input `index` of `node` read `outlet` instead.
+    pub fn set_input(&mut self, node: NodeId, index: usize, outlet: OutletId) -> Result<(), IrError> {
+        self.check_outlet(outlet)?;
+        let edge = self
+            .g
+            .edges_directed(node.0, Direction::Incoming)
+            .find(|e| e.weight().0 == index)
+            .map(|e| e.id())
+            .ok_or_else(|| IrError::Malformed(format!("node `{}` has no input {index}", self.g[node.0].name)))?;
+        self.g.remove_edge(edge);
+        self.g.add_edge(outlet.node.0, node.0, InputSlot(index));
+        self.g[node.0].inputs[index] = outlet;
+        Ok(())
+    }
+
+    /// Makes every reader of `old` (nodes and graph outputs) read `new` instead, except
+    /// `keep` (typically the node that computes `new` from `old`).
+    pub fn replace_uses(&mut self, old: OutletId, new: OutletId, keep: Option<NodeId>) -> Result<(), IrError> {
+        for consumer in self.consumers(old.node) {
+            if Some(consumer) == keep {
+                continue;
+            }
+            let slots: Vec<usize> =
+                self.node(consumer).inputs.iter().enumerate().filter(|(_, i)| **i == old).map(|(s, _)| s).collect();
+            for slot in slots {
+                self.set_input(consumer, slot, new)?;
+            }
+        }
+        for output in &mut self.outputs {
+            if output.outlet == old {
+                output.outlet = new;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes graph outputs not named in `keep`.
+    pub fn retain_outputs(&mut self, keep: impl Fn(&str) -> bool) {
+        self.outputs.retain(|o| keep(&o.name));
     }
 
     pub fn node(&self, id: NodeId) -> &Node {

@@ -8,8 +8,10 @@
 
 mod error;
 mod fact;
+mod grad;
 mod graph;
 mod op;
+mod placement;
 mod specialize;
 mod tensor;
 
@@ -17,7 +19,9 @@ pub mod broadcast;
 
 pub use error::IrError;
 pub use fact::{Dim, Fact, InputSpec};
+pub use grad::GradBuilder;
 pub use graph::{Graph, GraphOutput, Node, NodeBody, NodeId, OutletId};
+pub use placement::{verify_placement, Direction, LayerId, LinearCall, Placement, Stage};
 pub use op::{AttrValue, OnnxBuilder, OnnxNode, Op, PersistentOp, Registry};
 pub use specialize::{specialize, Specialized};
 pub use tensor::{DType, Tensor};

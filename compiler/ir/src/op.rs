@@ -23,6 +23,12 @@ pub trait Op: Debug + Send + Sync + Any {
     /// Computes the outputs in clear.
     fn eval(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, IrError>;
 
+    /// Whether, for these input facts, the op returns its first input unchanged (a cast to
+    /// the same type, a reduction over no axis); specialization then skips it.
+    fn is_identity(&self, _inputs: &[&Fact]) -> bool {
+        false
+    }
+
     /// Outputs known without running the op, from input facts alone (e.g. `Shape`).
     fn fold(&self, _inputs: &[&Fact]) -> Option<Vec<Tensor>> {
         None
@@ -30,6 +36,25 @@ pub trait Op: Debug + Send + Sync + Any {
 
     /// The op's parameters for artifacts, decoded again by the registry.
     fn params(&self) -> serde_json::Value;
+
+    /// Where the op runs. Only the apply stage of a server call runs on the server.
+    fn placement(&self) -> crate::Placement {
+        crate::Placement::Client
+    }
+
+    /// The op's part in a server call, if it is one: the executor hands such nodes to a
+    /// linear backend instead of calling `eval`.
+    fn linear_call(&self) -> Option<crate::LinearCall> {
+        None
+    }
+
+    /// Adds to `g` the nodes computing this node's input gradients from its output
+    /// gradients. Returns one entry per input: `None` where no gradient flows or none is
+    /// needed (`g.needs_grad(i)` is false).
+    fn gradient(&self, g: &mut crate::GradBuilder) -> Result<Vec<Option<crate::OutletId>>, IrError> {
+        let _ = g;
+        Err(IrError::Invalid(format!("op `{}` has no gradient rule", self.kind())))
+    }
 
     fn as_any(&self) -> &dyn Any;
 }

@@ -56,6 +56,10 @@ fn pow(x: f32, y: f32) -> f32 {
 impl Op for Binary {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::binary(self.f, g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 2, 2)?;
         let dtype = if self.f == BinaryFn::Pow { inputs[0].dtype } else { same_dtype(inputs)? };
@@ -119,6 +123,10 @@ fn compare<T: Copy + PartialOrd>(f: CompareFn, a: &ArrayD<T>, b: &ArrayD<T>) -> 
 impl Op for Compare {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::none_needed(g, &[], "a comparison")
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 2, 2)?;
         same_dtype(inputs)?;
@@ -156,6 +164,10 @@ persistent_op!(Unary, "Unary");
 
 impl Op for Unary {
     op_common!();
+
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::unary(self.f, g)
+    }
 
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 1)?;
@@ -201,6 +213,10 @@ fn select<T: Copy>(c: &ArrayD<bool>, x: &ArrayD<T>, y: &ArrayD<T>) -> Result<Arr
 impl Op for Where {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::where_(g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 3, 3)?;
         if inputs[0].dtype != DType::Bool {
@@ -231,6 +247,10 @@ persistent_op!(Cast, "Cast");
 
 impl Op for Cast {
     op_common!();
+
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::cast(self.to, g)
+    }
 
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 1)?;

@@ -2,14 +2,19 @@
 //! and clear f32 kernels. `register_all` adds the ops and their ONNX builders to a registry.
 
 mod elementwise;
+mod grad_ops;
 mod linalg;
+mod loss;
 mod movement;
 mod norm;
 mod onnx;
+mod rules;
 mod util;
 
 pub use elementwise::{Binary, BinaryFn, Cast, Compare, CompareFn, Unary, UnaryFn, Where};
+pub use grad_ops::{sum_to_shape, LayerNormGrad, ReduceMeanGrad, SoftmaxGrad, SumToShapeOf};
 pub use linalg::{matmul, Gemm, MatMul};
+pub use loss::{CrossEntropy, CrossEntropyGrad, IGNORE_INDEX};
 pub use movement::{
     Concat, ConstantOfShape, Expand, Gather, Range, Reshape, Scalar, ShapeOf, SliceOp, Split, Squeeze, Transpose, Unsqueeze,
 };
@@ -41,5 +46,11 @@ pub fn register_all(registry: &mut Registry) {
     registry.register_op::<Softmax>();
     registry.register_op::<LayerNorm>();
     registry.register_op::<ReduceMean>();
+    registry.register_op::<SumToShapeOf>();
+    registry.register_op::<SoftmaxGrad>();
+    registry.register_op::<LayerNormGrad>();
+    registry.register_op::<ReduceMeanGrad>();
+    registry.register_op::<CrossEntropy>();
+    registry.register_op::<CrossEntropyGrad>();
     onnx::register_builders(registry);
 }

@@ -58,18 +58,27 @@ fn batch_offset(batch_shape: &[usize], strides: &[isize], mut b: usize) -> isize
     offset
 }
 
-/// ONNX `MatMul` on f32: numpy semantics, batch dimensions broadcast.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MatMul;
+/// ONNX `MatMul` on f32 (numpy semantics, batch dimensions broadcast), optionally with
+/// either operand's last two axes swapped — free, through strides. The flags let tied
+/// weights be shared and let gradients avoid materialized transposes.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct MatMul {
+    #[serde(default)]
+    pub transpose_a: bool,
+    #[serde(default)]
+    pub transpose_b: bool,
+}
 persistent_op!(MatMul, "MatMul");
 
 /// Shapes as matrices: (batch shape, m, k, n, output shape).
-fn matmul_shapes(a: &[usize], b: &[usize]) -> Result<(Vec<usize>, usize, usize, usize, Vec<usize>), IrError> {
+fn matmul_shapes(a: &[usize], b: &[usize], ta: bool, tb: bool) -> Result<(Vec<usize>, usize, usize, usize, Vec<usize>), IrError> {
     if a.len() < 2 || b.len() < 2 {
         return Err(invalid!("MatMul operands must have rank 2 or more, found {a:?} and {b:?}"));
     }
-    let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
-    let (k2, n) = (b[b.len() - 2], b[b.len() - 1]);
+    let (ar, ac) = (a[a.len() - 2], a[a.len() - 1]);
+    let (br, bc) = (b[b.len() - 2], b[b.len() - 1]);
+    let (m, k) = if ta { (ac, ar) } else { (ar, ac) };
+    let (k2, n) = if tb { (bc, br) } else { (br, bc) };
     if k != k2 {
         return Err(invalid!("MatMul inner dimensions differ: {a:?} × {b:?}"));
     }
@@ -78,24 +87,34 @@ fn matmul_shapes(a: &[usize], b: &[usize]) -> Result<(Vec<usize>, usize, usize, 
     Ok((batch, m, k, n, out))
 }
 
-pub fn matmul(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>, IrError> {
-    let (batch, m, k, n, out_shape) = matmul_shapes(a.shape(), b.shape())?;
+/// `op(a)·op(b)` where `op` swaps the last two axes when its flag is set.
+pub fn matmul(a: &ArrayD<f32>, b: &ArrayD<f32>, ta: bool, tb: bool) -> Result<ArrayD<f32>, IrError> {
+    let (batch, m, k, n, out_shape) = matmul_shapes(a.shape(), b.shape(), ta, tb)?;
     let mut out = ArrayD::<f32>::zeros(IxDyn(&out_shape));
     let batches: usize = batch.iter().product();
     let dst = SendPtr(out.as_mut_ptr());
-    if b.ndim() == 2 && a.is_standard_layout() {
+    if b.ndim() == 2 && a.is_standard_layout() && !ta {
         // A weight matrix: all batch rows of `a` form one tall matrix, one big product.
         let rows = batches * m;
         let lhs = MatRef { ptr: a.as_ptr(), rs: k as isize, cs: 1 };
         let rhs = MatRef::of(&b.view(), 0);
+        let rhs = if tb { rhs.transposed() } else { rhs };
         unsafe { gemm_into(dst.get(), rows, n, k, lhs, rhs, false, 1.0, threads(rows * n * k)) };
         return Ok(out);
     }
-    let a_full = a.broadcast(IxDyn(&[batch.as_slice(), &[m, k]].concat())).unwrap();
-    let b_full = b.broadcast(IxDyn(&[batch.as_slice(), &[k, n]].concat())).unwrap();
+    let a_last = &a.shape()[a.ndim() - 2..];
+    let b_last = &b.shape()[b.ndim() - 2..];
+    let a_full = a.broadcast(IxDyn(&[batch.as_slice(), a_last].concat())).unwrap();
+    let b_full = b.broadcast(IxDyn(&[batch.as_slice(), b_last].concat())).unwrap();
     let (a_ptr, b_ptr) = (SendPtr(a_full.as_ptr() as *mut f32), SendPtr(b_full.as_ptr() as *mut f32));
     let (a_strides, b_strides) = (a_full.strides().to_vec(), b_full.strides().to_vec());
-    let (ar, ac, br, bc) = (a_strides[batch.len()], a_strides[batch.len() + 1], b_strides[batch.len()], b_strides[batch.len() + 1]);
+    let (mut ar, mut ac, mut br, mut bc) = (a_strides[batch.len()], a_strides[batch.len() + 1], b_strides[batch.len()], b_strides[batch.len() + 1]);
+    if ta {
+        std::mem::swap(&mut ar, &mut ac);
+    }
+    if tb {
+        std::mem::swap(&mut br, &mut bc);
+    }
     let per_batch = |i: usize, par: Parallelism| {
         let lhs = MatRef { ptr: unsafe { a_ptr.get().offset(batch_offset(&batch, &a_strides, i)) }, rs: ar, cs: ac };
         let rhs = MatRef { ptr: unsafe { b_ptr.get().offset(batch_offset(&batch, &b_strides, i)) }, rs: br, cs: bc };
@@ -112,18 +131,22 @@ pub fn matmul(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>, IrError> 
 impl Op for MatMul {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::matmul(*self, g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 2, 2)?;
         if inputs.iter().any(|f| f.dtype != DType::F32) {
             return Err(invalid!("MatMul is supported on f32 only"));
         }
-        let (_, _, _, _, shape) = matmul_shapes(&inputs[0].shape, &inputs[1].shape)?;
+        let (_, _, _, _, shape) = matmul_shapes(&inputs[0].shape, &inputs[1].shape, self.transpose_a, self.transpose_b)?;
         Ok(vec![Fact::new(DType::F32, shape)])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, IrError> {
         arity(inputs, 2, 2)?;
-        Ok(vec![Tensor::F32(matmul(inputs[0].as_f32()?, inputs[1].as_f32()?)?)])
+        Ok(vec![Tensor::F32(matmul(inputs[0].as_f32()?, inputs[1].as_f32()?, self.transpose_a, self.transpose_b)?)])
     }
 }
 

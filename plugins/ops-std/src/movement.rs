@@ -28,6 +28,10 @@ impl ShapeOf {
 impl Op for ShapeOf {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::none_needed(g, &[], "Shape")
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 1)?;
         Ok(vec![Fact::new(DType::I64, self.compute(&inputs[0].shape).shape().to_vec())])
@@ -85,6 +89,10 @@ impl Reshape {
 impl Op for Reshape {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::reshape_back(g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 2, 2)?;
         let spec = konst(inputs[1], "shape")?.to_i64_vec()?;
@@ -135,6 +143,10 @@ fn squeezed(shape: &[usize], axes: Option<Vec<i64>>) -> Result<Vec<usize>, IrErr
 impl Op for Squeeze {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::reshape_back(g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 2)?;
         Ok(vec![Fact::new(inputs[0].dtype, squeezed(&inputs[0].shape, axes_operand(&self.axes, inputs)?)?)])
@@ -163,6 +175,10 @@ fn unsqueezed(shape: &[usize], axes: Option<Vec<i64>>) -> Result<Vec<usize>, IrE
 
 impl Op for Unsqueeze {
     op_common!();
+
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::reshape_back(g)
+    }
 
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 2)?;
@@ -206,6 +222,10 @@ fn concat_arrays<T: Clone>(axis: usize, arrays: &[&ArrayD<T>]) -> Result<ArrayD<
 
 impl Op for Concat {
     op_common!();
+
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::none_needed(g, &(0..g.n_inputs()).collect::<Vec<_>>(), "Concat")
+    }
 
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|f| f.shape.as_slice()).collect();
@@ -279,6 +299,10 @@ fn apply_slice<T: Clone>(a: &ArrayD<T>, plan: &[(usize, Slice, usize)]) -> Array
 impl Op for SliceOp {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::none_needed(g, &[0], "Slice")
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 3, 5)?;
         let names = ["starts", "ends", "axes", "steps"];
@@ -315,6 +339,10 @@ impl Gather {
 
 impl Op for Gather {
     op_common!();
+
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::none_needed(g, &[0], "Gather on a trainable table")
+    }
 
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 2, 2)?;
@@ -367,6 +395,10 @@ impl Transpose {
 impl Op for Transpose {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::transpose(self.perm.clone(), g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 1)?;
         let perm = self.perm(inputs[0].rank())?;
@@ -410,6 +442,10 @@ impl Split {
 impl Op for Split {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::split(self.axis, self.outputs, g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 2)?;
         let operand = inputs.get(1).map(|f| konst(f, "split")?.to_i64_vec()).transpose()?;
@@ -452,6 +488,10 @@ fn expanded(shape: &[usize], spec: &[i64]) -> Result<Vec<usize>, IrError> {
 
 impl Op for Expand {
     op_common!();
+
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::none_needed(g, &[0], "Expand")
+    }
 
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 2, 2)?;
@@ -516,6 +556,10 @@ fn dims(spec: &[i64]) -> Result<Vec<usize>, IrError> {
 impl Op for ConstantOfShape {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::none_needed(g, &[], "ConstantOfShape")
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 1)?;
         Ok(vec![Fact::new(self.value.dtype(), dims(&konst(inputs[0], "shape")?.to_i64_vec()?)?)])
@@ -559,6 +603,10 @@ fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<Tensor, IrErr
 
 impl Op for Range {
     op_common!();
+
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::none_needed(g, &[], "Range")
+    }
 
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 3, 3)?;

@@ -36,6 +36,10 @@ fn softmax_lane(mut lane: ndarray::ArrayViewMut1<f32>) {
 impl Op for Softmax {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::softmax(self.axis, g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 1)?;
         f32_only(inputs[0], "Softmax")?;
@@ -71,6 +75,10 @@ impl LayerNorm {
 
 impl Op for LayerNorm {
     op_common!();
+
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::layer_norm(self, g)
+    }
 
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 2, 3)?;
@@ -118,7 +126,7 @@ impl Op for LayerNorm {
 }
 
 /// ONNX `ReduceMean`: axes from an attribute (before opset 18) or an operand (18+).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReduceMean {
     pub axes: Option<Vec<i64>>,
     pub keepdims: bool,
@@ -128,7 +136,7 @@ persistent_op!(ReduceMean, "ReduceMean");
 
 impl ReduceMean {
     /// The normalized axes to reduce, ascending.
-    fn axes(&self, rank: usize, operand: Option<Vec<i64>>) -> Result<Vec<usize>, IrError> {
+    pub(crate) fn reduced_axes(&self, rank: usize, operand: Option<Vec<i64>>) -> Result<Vec<usize>, IrError> {
         let axes = self.axes.clone().or(operand).unwrap_or_default();
         let mut axes = if axes.is_empty() {
             if self.noop_with_empty_axes { vec![] } else { (0..rank).collect() }
@@ -155,11 +163,15 @@ impl ReduceMean {
 impl Op for ReduceMean {
     op_common!();
 
+    fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
+        crate::rules::reduce_mean(self, g)
+    }
+
     fn output_facts(&self, inputs: &[&Fact]) -> Result<Vec<Fact>, IrError> {
         arity(inputs, 1, 2)?;
         f32_only(inputs[0], "ReduceMean")?;
         let operand = inputs.get(1).map(|f| konst(f, "axes")?.to_i64_vec()).transpose()?;
-        let axes = self.axes(inputs[0].rank(), operand)?;
+        let axes = self.reduced_axes(inputs[0].rank(), operand)?;
         Ok(vec![Fact::new(DType::F32, self.shape(&inputs[0].shape, &axes))])
     }
 
@@ -167,7 +179,7 @@ impl Op for ReduceMean {
         arity(inputs, 1, 2)?;
         let x = inputs[0].as_f32()?;
         let operand = inputs.get(1).map(|t| t.to_i64_vec()).transpose()?;
-        let axes = self.axes(x.ndim(), operand)?;
+        let axes = self.reduced_axes(x.ndim(), operand)?;
         let mut out: ArrayD<f32> = x.clone();
         for &axis in axes.iter().rev() {
             let n = out.shape()[axis] as f32;

@@ -141,7 +141,7 @@ pub fn register_builders(r: &mut Registry) {
     r.register_onnx("Expand", |_| ok(Expand));
     r.register_onnx("ConstantOfShape", constant_of_shape);
     r.register_onnx("Range", |_| ok(Range));
-    r.register_onnx("MatMul", |_| ok(MatMul));
+    r.register_onnx("MatMul", |_| ok(MatMul::default()));
     r.register_onnx("Gemm", gemm);
     r.register_onnx("Softmax", softmax);
     r.register_onnx("LayerNormalization", layer_norm);

@@ -14,6 +14,10 @@ pub enum ExecError {
     Io { path: String, error: std::io::Error },
     #[error("`{path}` is not a valid safetensors file: {what}")]
     Safetensors { path: String, what: String },
+    #[error("linear backend: {0}")]
+    Backend(String),
+    #[error("the graph calls the server ({0}) but no linear backend was given")]
+    NoBackend(String),
     #[error("artifact `{dir}`: {what}")]
     Artifact { dir: String, what: String },
 }

@@ -4,9 +4,26 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use fhe_ir::{specialize, Fact, Graph, NodeBody, NodeId, Op, OutletId, Tensor};
+use fhe_ir::{specialize, Fact, Graph, LinearCall, NodeBody, NodeId, Op, OutletId, Stage, Tensor};
 
+use crate::backend::{LinearBackend, Sealed};
 use crate::ExecError;
+
+/// What a value slot holds while a plan runs.
+enum Value {
+    Clear(Arc<Tensor>),
+    /// Between the seal and open stages of a server call; has exactly one reader.
+    Sealed(Sealed),
+}
+
+impl Value {
+    fn clear(&self) -> Result<&Tensor, ExecError> {
+        match self {
+            Value::Clear(t) => Ok(t),
+            Value::Sealed(_) => Err(ExecError::Backend("a sealed value reached a clear op".into())),
+        }
+    }
+}
 
 /// One scheduled op: where its operands are and where its results go.
 struct Step {
@@ -82,11 +99,16 @@ impl Plan {
         self.inputs.iter().map(|(n, _, f)| (n.as_str(), f))
     }
 
-    /// Runs the plan; inputs by name, outputs in graph order.
-    pub fn run(&self, mut inputs: HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, ExecError> {
-        let mut slots: Vec<Option<Arc<Tensor>>> = vec![None; self.n_slots];
+    /// Runs the plan; inputs by name, outputs in graph order. Graphs with server calls
+    /// need `backend`.
+    pub fn run(&self, inputs: HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, ExecError> {
+        self.run_with(inputs, None)
+    }
+
+    pub fn run_with(&self, mut inputs: HashMap<String, Tensor>, backend: Option<&dyn LinearBackend>) -> Result<Vec<(String, Tensor)>, ExecError> {
+        let mut slots: Vec<Option<Value>> = (0..self.n_slots).map(|_| None).collect();
         for (slot, value) in &self.constants {
-            slots[*slot] = Some(value.clone());
+            slots[*slot] = Some(Value::Clear(value.clone()));
         }
         for (name, slot, fact) in &self.inputs {
             let value = inputs
@@ -99,30 +121,61 @@ impl Plan {
                     found: format!("{}{:?}", value.dtype(), value.shape()),
                 });
             }
-            slots[*slot] = Some(Arc::new(value));
+            slots[*slot] = Some(Value::Clear(Arc::new(value)));
         }
         if let Some(name) = inputs.keys().next() {
             return Err(ExecError::UnknownInput { name: name.clone(), known: self.inputs.iter().map(|i| i.0.clone()).collect() });
         }
         for step in &self.steps {
-            let operands: Vec<&Tensor> = step.inputs.iter().map(|&s| slots[s].as_deref().expect("scheduled after its inputs")).collect();
             let node = self.graph.node(step.node);
-            let results = step.op.eval(&operands).map_err(|e| e.in_node(&node.name, step.op.kind()))?;
+            let results = match step.op.linear_call() {
+                Some(call) => vec![self.server_stage(call, step, &mut slots, backend)?],
+                None => {
+                    let operands = step
+                        .inputs
+                        .iter()
+                        .map(|&s| slots[s].as_ref().expect("scheduled after its inputs").clear())
+                        .collect::<Result<Vec<&Tensor>, _>>()?;
+                    let results = step.op.eval(&operands).map_err(|e| e.in_node(&node.name, step.op.kind()))?;
+                    results.into_iter().map(|t| Value::Clear(Arc::new(t))).collect()
+                }
+            };
             for (slot, value) in step.outputs.iter().zip(results) {
-                slots[*slot] = Some(Arc::new(value));
+                slots[*slot] = Some(value);
             }
             for &slot in &step.release {
                 slots[slot] = None;
             }
         }
-        Ok(self
-            .outputs
+        self.outputs
             .iter()
             .map(|(name, slot)| {
-                let value = slots[*slot].clone().expect("outputs are computed");
-                (name.clone(), Arc::try_unwrap(value).unwrap_or_else(|shared| (*shared).clone()))
+                let value = match slots[*slot].take().expect("outputs are computed") {
+                    Value::Clear(t) => Arc::try_unwrap(t).unwrap_or_else(|shared| (*shared).clone()),
+                    Value::Sealed(_) => return Err(ExecError::Backend(format!("output `{name}` is sealed"))),
+                };
+                Ok((name.clone(), value))
             })
-            .collect())
+            .collect()
+    }
+
+    /// One stage of a server call, handed to the backend. Sealed values have one reader, so
+    /// the stage takes them out of their slot.
+    fn server_stage(&self, call: LinearCall, step: &Step, slots: &mut [Option<Value>], backend: Option<&dyn LinearBackend>) -> Result<Value, ExecError> {
+        let backend = backend.ok_or_else(|| ExecError::NoBackend(format!("{} {}", call.layer, call.direction)))?;
+        let slot = step.inputs[0];
+        Ok(match call.stage {
+            Stage::Seal => Value::Sealed(backend.seal(call, slots[slot].as_ref().expect("computed").clear()?)?),
+            Stage::Apply | Stage::Open => {
+                let Some(Value::Sealed(sealed)) = slots[slot].take() else {
+                    return Err(ExecError::Backend(format!("{:?} stage of {} did not get a sealed value", call.stage, call.layer)));
+                };
+                match call.stage {
+                    Stage::Apply => Value::Sealed(backend.apply(call, sealed)?),
+                    _ => Value::Clear(Arc::new(backend.open(call, sealed)?)),
+                }
+            }
+        })
     }
 }
 
@@ -154,7 +207,11 @@ impl Model {
     }
 
     pub fn run(&self, inputs: HashMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, ExecError> {
+        self.run_with(inputs, None)
+    }
+
+    pub fn run_with(&self, inputs: HashMap<String, Tensor>, backend: Option<&dyn LinearBackend>) -> Result<Vec<(String, Tensor)>, ExecError> {
         let shapes = inputs.iter().map(|(k, v)| (k.clone(), v.shape().to_vec())).collect();
-        self.plan(&shapes)?.run(inputs)
+        self.plan(&shapes)?.run_with(inputs, backend)
     }
 }

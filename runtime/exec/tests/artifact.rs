@@ -1,13 +1,16 @@
-//! Artifacts round-trip, and every way of loading a wrong one fails with a clear message.
-//! The executor rejects inputs that do not fit the model.
+//! Artifacts round-trip, each part loads alone, and every way of loading a wrong one fails
+//! with a clear message. The executor rejects inputs that do not fit the model.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use fhe_exec::artifact::{read_artifact, write_artifact, SourceInfo};
+use fhe_exec::artifact::{
+    read_graphs, read_manifest, write_artifact, write_graphs, ClientArtifact, ClientPartData, LayerEntry, LoraManifest, ServerArtifact,
+    ServerLayerData, SourceInfo,
+};
 use fhe_exec::{ExecError, Model};
-use fhe_ir::{Dim, DType, Graph, InputSpec, Registry, Tensor};
+use fhe_ir::{DType, Dim, Graph, InputSpec, LayerId, OutletId, Registry, Tensor};
 use fhe_ops_std::{Binary, BinaryFn, MatMul};
 
 fn registry() -> Registry {
@@ -22,14 +25,10 @@ fn small_graph() -> Graph {
     let x = g.add_input("x", InputSpec { dtype: DType::F32, dims: vec![Dim::Dynamic("batch".into()), Dim::Fixed(4)] });
     let w = g.add_const("w", Arc::new(Tensor::from_f32(&[4, 3], (0..12).map(|v| v as f32 * 0.5).collect()).unwrap()));
     let b = g.add_const("b", Arc::new(Tensor::from_f32(&[3], vec![1.0, -1.0, 0.5]).unwrap()));
-    let xw = g.add_op("xw", Arc::new(MatMul), &[x, w], 1).unwrap();
-    let y = g.add_op("y", Arc::new(Binary { f: BinaryFn::Add }), &[fhe_ir::OutletId::new(xw, 0), b], 1).unwrap();
-    g.add_output("y", fhe_ir::OutletId::new(y, 0)).unwrap();
+    let xw = g.add_op("xw", Arc::new(MatMul::default()), &[x, w], 1).unwrap();
+    let y = g.add_op("y", Arc::new(Binary { f: BinaryFn::Add }), &[OutletId::new(xw, 0), b], 1).unwrap();
+    g.add_output("y", OutletId::new(y, 0)).unwrap();
     g
-}
-
-fn source() -> SourceInfo {
-    SourceInfo { file: "small.onnx".into(), sha256: "00".into(), opset: 17, producer: "test".into() }
 }
 
 fn x(batch: usize) -> Tensor {
@@ -40,17 +39,40 @@ fn run(model: &Model, inputs: Vec<(&str, Tensor)>) -> Result<Tensor, ExecError> 
     Ok(model.run(inputs.into_iter().map(|(n, t)| (n.to_string(), t)).collect())?.remove(0).1)
 }
 
-fn load_error(dir: &Path) -> String {
-    read_artifact(dir, &registry()).err().expect("loading must fail").to_string()
+/// A complete artifact around the small graph, with one 4×3 server layer.
+fn write_small_artifact(dir: &Path) {
+    let graph = small_graph();
+    let weight = Tensor::from_f32(&[4, 3], vec![0.5; 12]).unwrap();
+    let layers = [LayerEntry { id: LayerId(0), name: "transformer.h.0.attn.c_attn".into(), in_features: 4, out_features: 3, lora: true }];
+    let a = Tensor::from_f32(&[2, 4], vec![0.1; 8]).unwrap();
+    let lora = LoraManifest { rank: 2, alpha: 4.0, target_modules: vec!["c_attn".into()], seed: 0, adapters: vec![] };
+    let client = ClientPartData {
+        forward: &graph,
+        train: &graph,
+        lora,
+        lora_init: vec![("a".into(), &a)],
+        weight_scales: vec![(LayerId(0), vec![0.5 / 127.0; 3])],
+    };
+    let server = [ServerLayerData { id: LayerId(0), weight: &weight, qweight: &[127; 12], scales: &[0.5 / 127.0; 3] }];
+    let source = SourceInfo { file: "small.onnx".into(), sha256: "00".into(), opset: 17, producer: "test".into() };
+    write_artifact(dir, source, &layers, client, &server).unwrap();
+}
+
+fn client_error(path: &Path) -> String {
+    ClientArtifact::load(path, &registry()).err().expect("loading must fail").to_string()
+}
+
+fn server_error(path: &Path) -> String {
+    ServerArtifact::load(path).err().expect("loading must fail").to_string()
 }
 
 #[test]
-fn an_artifact_round_trips_and_computes_the_same() {
+fn graphs_round_trip_and_compute_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let graph = small_graph();
-    let written = write_artifact(dir.path(), &graph, source()).unwrap();
-    let (loaded, manifest) = read_artifact(dir.path(), &registry()).unwrap();
-    assert_eq!(manifest, written);
+    let mut files = write_graphs(dir.path(), &[("g", &graph)], "w.safetensors").unwrap();
+    let weights = files.pop().unwrap();
+    let loaded = read_graphs(dir.path(), &files, &weights, &registry()).unwrap().remove(0);
     let direct = run(&Model::new(graph), vec![("x", x(2))]).unwrap();
     let reloaded = run(&Model::new(loaded), vec![("x", x(2))]).unwrap();
     assert_eq!(direct, reloaded);
@@ -59,46 +81,97 @@ fn an_artifact_round_trips_and_computes_the_same() {
 }
 
 #[test]
-fn a_newer_format_version_is_refused() {
+fn each_part_loads_alone_from_the_artifact_or_its_folder() {
     let dir = tempfile::tempdir().unwrap();
-    write_artifact(dir.path(), &small_graph(), source()).unwrap();
-    let path = dir.path().join("manifest.json");
-    let manifest = std::fs::read_to_string(&path).unwrap().replace("\"format_version\": 1", "\"format_version\": 99");
-    std::fs::write(&path, manifest).unwrap();
-    let message = load_error(dir.path());
-    assert!(message.contains("format version 99") && message.contains("re-run fhe-compile"), "{message}");
+    write_small_artifact(dir.path());
+    let manifest = read_manifest(dir.path()).unwrap();
+    assert_eq!(manifest.layers.len(), 1);
+    for path in [dir.path().to_path_buf(), dir.path().join("client")] {
+        let client = ClientArtifact::load(&path, &registry()).unwrap();
+        assert_eq!(client.weight_scales[&LayerId(0)], vec![0.5 / 127.0; 3]);
+        assert_eq!(client.lora_init["a"].shape(), [2, 4]);
+    }
+    // The server part alone, copied elsewhere, is enough for the server.
+    let shipped = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(dir.path().join("server")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), shipped.path().join(f.file_name())).unwrap();
+    }
+    let server = ServerArtifact::load(shipped.path()).unwrap();
+    let layer = &server.layers[&LayerId(0)];
+    assert_eq!((layer.weight.len(), layer.qweight[0], layer.scales.len()), (12, 127, 3));
 }
 
 #[test]
-fn files_that_do_not_match_the_manifest_are_refused() {
-    for file in ["weights.safetensors", "graph.json"] {
+fn the_server_part_holds_nothing_the_client_owns() {
+    let dir = tempfile::tempdir().unwrap();
+    write_small_artifact(dir.path());
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("server")).unwrap().map(|f| f.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["part.json", "weights.safetensors"]);
+    let part = std::fs::read_to_string(dir.path().join("server/part.json")).unwrap();
+    assert!(!part.contains("lora") && !part.contains("scale"), "{part}");
+}
+
+#[test]
+fn one_part_given_for_the_other_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_small_artifact(dir.path());
+    let message = server_error(&dir.path().join("client"));
+    assert!(message.contains("this is the client part") && message.contains("server part is needed"), "{message}");
+    let message = client_error(&dir.path().join("server"));
+    assert!(message.contains("this is the server part") && message.contains("client part is needed"), "{message}");
+}
+
+#[test]
+fn a_newer_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_small_artifact(dir.path());
+    for part in ["client", "server"] {
+        let path = dir.path().join(part).join("part.json");
+        let text = std::fs::read_to_string(&path).unwrap().replace("\"format_version\": 2", "\"format_version\": 99");
+        std::fs::write(&path, text).unwrap();
+    }
+    for message in [client_error(dir.path()), server_error(dir.path())] {
+        assert!(message.contains("format version 99") && message.contains("re-run fhe-compile"), "{message}");
+    }
+    // The top-level manifest no longer matches the parts it lists.
+    let message = read_manifest(dir.path()).unwrap_err().to_string();
+    assert!(message.contains("does not match the manifest's hash"), "{message}");
+}
+
+#[test]
+fn files_that_do_not_match_their_manifest_are_refused() {
+    for file in ["client/weights.safetensors", "client/forward.json", "client/lora_init.safetensors", "server/weights.safetensors"] {
         let dir = tempfile::tempdir().unwrap();
-        write_artifact(dir.path(), &small_graph(), source()).unwrap();
+        write_small_artifact(dir.path());
         let path = dir.path().join(file);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 2;
         bytes[last] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let message = load_error(dir.path());
-        assert!(message.contains(file) && message.contains("does not match the manifest"), "{message}");
+        let message = if file.starts_with("client") { client_error(dir.path()) } else { server_error(dir.path()) };
+        let name = file.split('/').nth(1).unwrap();
+        assert!(message.contains(name) && message.contains("does not match the manifest"), "{message}");
     }
 }
 
 #[test]
 fn a_directory_that_is_not_an_artifact_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(load_error(dir.path()).contains("cannot read manifest.json"));
-    std::fs::write(dir.path().join("manifest.json"), "{\"format\": \"something-else\"}").unwrap();
-    assert!(load_error(dir.path()).contains("does not describe an fhe-lora artifact"));
-    std::fs::write(dir.path().join("manifest.json"), "not json").unwrap();
-    assert!(load_error(dir.path()).contains("not valid JSON"));
+    assert!(client_error(dir.path()).contains("no client part here"));
+    std::fs::write(dir.path().join("part.json"), "{\"format\": \"something-else\"}").unwrap();
+    assert!(server_error(dir.path()).contains("does not describe an fhe-lora artifact"));
+    std::fs::write(dir.path().join("part.json"), "not json").unwrap();
+    assert!(server_error(dir.path()).contains("not valid JSON"));
 }
 
 #[test]
 fn an_op_kind_unknown_to_this_build_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    write_artifact(dir.path(), &small_graph(), source()).unwrap();
-    let message = read_artifact(dir.path(), &Registry::new()).err().unwrap().to_string();
+    write_small_artifact(dir.path());
+    let message = ClientArtifact::load(dir.path(), &Registry::new()).err().unwrap().to_string();
     assert!(message.contains("op kind `MatMul` is not registered"), "{message}");
 }
 
@@ -112,22 +185,10 @@ fn inputs_that_do_not_fit_are_rejected() {
         (vec![("x", Tensor::from_i64(&[2, 4], vec![0; 8]).unwrap())], "is i64[2, 4], the model expects f32[2, 4]"),
     ];
     for (inputs, expected) in cases {
-        let message = format!("{:#}", anyhow_chain(run(&model, inputs).err().expect("must fail")));
+        let message = run(&model, inputs).err().expect("must fail").to_string();
         assert!(message.contains(expected), "`{expected}` not in `{message}`");
     }
     assert!(run(&model, vec![("x", x(3))]).is_ok());
-}
-
-/// The whole cause chain of an error, as the binaries print it.
-fn anyhow_chain(e: ExecError) -> String {
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
 }
 
 #[test]
