@@ -112,7 +112,6 @@ fn compile(args: &Args, registry: &Registry, output: &Path) -> Result<()> {
             name: l.name.clone(),
             in_features: l.in_features,
             out_features: l.out_features,
-            lora: adapters.iter().any(|a| a.layer == l.name),
         })
         .collect();
     let client = ClientPartData {

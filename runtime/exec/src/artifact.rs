@@ -59,7 +59,6 @@ pub struct LayerEntry {
     pub name: String,
     pub in_features: usize,
     pub out_features: usize,
-    pub lora: bool,
 }
 
 /// LoRA as the client trains it and PEFT stores it.

@@ -43,7 +43,7 @@ fn run(model: &Model, inputs: Vec<(&str, Tensor)>) -> Result<Tensor, ExecError> 
 fn write_small_artifact(dir: &Path) {
     let graph = small_graph();
     let weight = Tensor::from_f32(&[4, 3], vec![0.5; 12]).unwrap();
-    let layers = [LayerEntry { id: LayerId(0), name: "transformer.h.0.attn.c_attn".into(), in_features: 4, out_features: 3, lora: true }];
+    let layers = [LayerEntry { id: LayerId(0), name: "transformer.h.0.attn.c_attn".into(), in_features: 4, out_features: 3 }];
     let a = Tensor::from_f32(&[2, 4], vec![0.1; 8]).unwrap();
     let lora = LoraManifest { rank: 2, alpha: 4.0, target_modules: vec!["c_attn".into()], seed: 0, adapters: vec![] };
     let client = ClientPartData {
