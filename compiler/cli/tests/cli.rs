@@ -57,7 +57,7 @@ fn compiles_next_to_the_model_by_default_and_checks_io() {
 fn help_documents_every_option() {
     let out = fhe_compile(&[&"--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
-    for option in ["--output", "--check-io", "--tolerance", "<MODEL>"] {
+    for option in ["--output", "--check-io", "--tolerance", "--lora-rank", "--lora-alpha", "--lora-targets", "--lora-seed", "all-linear", "<MODEL>"] {
         assert!(help.contains(option), "{option} missing from --help:\n{help}");
     }
 }
@@ -137,4 +137,31 @@ fn outputs_beyond_the_tolerance_fail_with_exit_code_2() {
     let out = fhe_compile(&[&tiny(), &"-o", &dir.path().join("out"), &"--check-io", &path]);
     assert_fails_with(&out, 2, &["--tolerance"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("ABOVE TOLERANCE"));
+}
+
+#[test]
+fn the_documented_command_line_works_as_is() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny(), dir.path().join("gpt2.onnx")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fhe-compile")).current_dir(dir.path()).args(["gpt2.onnx", "--lora-rank", "8"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for part in ["gpt2.fhe/manifest.json", "gpt2.fhe/client/part.json", "gpt2.fhe/server/part.json"] {
+        assert!(dir.path().join(part).is_file(), "{part} missing");
+    }
+    let manifest = std::fs::read_to_string(dir.path().join("gpt2.fhe/manifest.json")).unwrap();
+    assert!(manifest.contains("\"rank\": 8") && manifest.contains("transformer.h.1.mlp.c_proj"), "{manifest}");
+    assert!(stdout.contains("split report") && stdout.contains("LoRA parameters (trained)") && stdout.contains("4096"), "{stdout}");
+}
+
+#[test]
+fn bad_lora_options_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    assert_fails_with(&fhe_compile(&[&tiny(), &"-o", &out_dir, &"--lora-targets", &"q_proj"]), 1, &["matches no layer", "transformer.h.0.attn.c_attn"]);
+    assert_fails_with(&fhe_compile(&[&tiny(), &"-o", &out_dir, &"--lora-rank", &"0"]), 1, &["--lora-rank must be at least 1"]);
+    assert_fails_with(&fhe_compile(&[&tiny(), &"-o", &out_dir, &"--lora-targets", &" , "]), 1, &["--lora-targets is empty"]);
+    let out = fhe_compile(&[&tiny(), &"--lora-rank", &"eight"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects a non-number");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--lora-rank"));
 }

@@ -186,3 +186,78 @@ impl LinearBackend for Int8Backend {
         self.dequantize(call, &p.acc, &p.row_scales)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use fhe_exec::artifact::{LayerEntry, PartKind, PartManifest, ServerLayer};
+
+    use super::*;
+
+    fn server(rows: usize, cols: usize, qweight: Vec<i8>) -> ServerArtifact {
+        let entry = LayerEntry { id: LayerId(0), name: "l".into(), in_features: rows, out_features: cols };
+        let manifest = PartManifest {
+            format: String::new(),
+            format_version: 0,
+            part: PartKind::Server,
+            model_sha256: String::new(),
+            parameter_set: String::new(),
+            layers: vec![entry.clone()],
+            lora: None,
+            files: Default::default(),
+        };
+        let layer = ServerLayer { entry, weight: qweight.iter().map(|&v| v as f32).collect(), qweight, scales: vec![1.0; cols] };
+        ServerArtifact { dir: PathBuf::new(), manifest, layers: HashMap::from([(LayerId(0), layer)]) }
+    }
+
+    fn naive(x: &[i8], rows: usize, w: &[i8], n_in: usize, n_out: usize, backward: bool) -> Vec<i64> {
+        let (k, n) = if backward { (n_out, n_in) } else { (n_in, n_out) };
+        let mut out = vec![0i64; rows * n];
+        for t in 0..rows {
+            for j in 0..n {
+                out[t * n + j] = (0..k)
+                    .map(|i| {
+                        let wv = if backward { w[j * n_out + i] } else { w[i * n_out + j] };
+                        x[t * k + i] as i64 * wv as i64
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn integer_products_are_exact_even_at_the_extremes() {
+        let (n_in, n_out, rows) = (3072, 5, 4);
+        let cases: [(i8, i8); 4] = [(i8::MIN, i8::MIN), (i8::MIN, 127), (127, -127), (127, 127)];
+        for (xv, wv) in cases {
+            let backend = Int8Backend::new(&server(n_in, n_out, vec![wv; n_in * n_out]));
+            for direction in [Direction::Forward, Direction::Backward] {
+                let call = LinearCall { layer: LayerId(0), direction, stage: fhe_ir::Stage::Apply };
+                let k = if direction == Direction::Forward { n_in } else { n_out };
+                let q = QuantizedRows { rows, cols: k, values: vec![xv; rows * k], scales: vec![1.0; rows] };
+                let got = backend.integer_product(call, &q).unwrap();
+                let want = naive(&q.values, rows, &vec![wv; n_in * n_out], n_in, n_out, direction == Direction::Backward);
+                assert_eq!(got, want, "{direction} with x = {xv}, w = {wv}");
+            }
+        }
+        // Mixed values, checked against the naive loops.
+        let w: Vec<i8> = (0..n_in * n_out).map(|i| ((i * 37) % 255) as i32 as i8).map(|v| v.max(-127)).collect();
+        let backend = Int8Backend::new(&server(n_in, n_out, w.clone()));
+        let x: Vec<i8> = (0..rows * n_in).map(|i| ((i * 91) % 255) as i32 as i8).map(|v| v.max(-127)).collect();
+        let call = LinearCall { layer: LayerId(0), direction: Direction::Forward, stage: fhe_ir::Stage::Apply };
+        let q = QuantizedRows { rows, cols: n_in, values: x.clone(), scales: vec![1.0; rows] };
+        assert_eq!(backend.integer_product(call, &q).unwrap(), naive(&x, rows, &w, n_in, n_out, false));
+    }
+
+    #[test]
+    fn a_block_of_the_wrong_width_is_an_error() {
+        let backend = Int8Backend::new(&server(4, 3, vec![1; 12]));
+        let call = LinearCall { layer: LayerId(0), direction: Direction::Forward, stage: fhe_ir::Stage::Seal };
+        let x = Tensor::from_f32(&[2, 3], vec![0.0; 6]).unwrap();
+        assert!(backend.seal(call, &x).err().unwrap().to_string().contains("expected a [tokens, 4] block"));
+        let unknown = LinearCall { layer: LayerId(9), ..call };
+        assert!(backend.seal(unknown, &x).err().unwrap().to_string().contains("layer 9 is not in the server artifact"));
+    }
+}
