@@ -210,6 +210,17 @@ fn the_split_report_counts_the_tiny_model_as_gpt2_arithmetic_says() {
     assert_eq!((r.total, r.server, r.lora), expected_split(50257, 128, 64, 2, 8));
     assert_eq!(r.client_embeddings, 50257 * 64 + 128 * 64);
     assert!(a.compiled.tied_head);
+    // One copy of the table: the export's transposed lm_head duplicate is gone.
+    let tables: Vec<Vec<usize>> = a
+        .client
+        .forward
+        .node_ids()
+        .filter_map(|id| match &a.client.forward.node(id).body {
+            NodeBody::Const(t) if t.len() == 50257 * 64 => Some(t.shape().to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tables, vec![vec![50257, 64]]);
 }
 
 /// GPT-2-small shapes: needs `models/gpt2-small/model.onnx` (tools/export_gpt2.py) and
