@@ -1,0 +1,137 @@
+//! The client's linear backend: quantize and encrypt (seal), send to a server (apply),
+//! decrypt and dequantize (open). Scales and the key never leave this side.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fhe_backend_clear::{dequantize, quantize_rows, scale_columns};
+use fhe_exec::artifact::ClientArtifact;
+use fhe_exec::{unseal, ExecError, LinearBackend, Sealed};
+use fhe_ir::{Direction, LayerId, LinearCall, Tensor};
+
+use crate::wire::{decode_response, encode_request, CallHeader};
+use crate::{decrypt, encrypt, ClientKey, LinearServer, Setting, POLY_SIZE};
+
+/// How requests reach a server.
+pub trait Transport: Send + Sync {
+    fn call(&self, layer: LayerId, direction: Direction, body: Vec<u8>) -> Result<Vec<u8>, String>;
+}
+
+/// A server in this process; still the real encoding and encryption.
+pub struct LocalTransport(pub Arc<LinearServer>);
+
+impl Transport for LocalTransport {
+    fn call(&self, layer: LayerId, direction: Direction, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        self.0.handle(layer, direction, &body).map_err(|e| e.to_string())
+    }
+}
+
+/// Bytes sent and received so far.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub up: AtomicU64,
+    pub down: AtomicU64,
+}
+
+struct Layer {
+    in_features: usize,
+    out_features: usize,
+    weight_scales: Vec<f32>,
+}
+
+pub struct FheBackend {
+    key: Arc<ClientKey>,
+    setting: Setting,
+    layers: HashMap<LayerId, Layer>,
+    transport: Arc<dyn Transport>,
+    pub traffic: Arc<Traffic>,
+}
+
+/// Requests of one call (a block over N tokens is split), with what stays on the client.
+struct Pending {
+    tokens: usize,
+    row_scales: Vec<f32>,
+    messages: Vec<Vec<u8>>,
+}
+
+fn backend_error(e: impl std::fmt::Display) -> ExecError {
+    ExecError::Backend(e.to_string())
+}
+
+impl FheBackend {
+    pub fn new(key: Arc<ClientKey>, setting: Setting, client: &ClientArtifact, transport: Arc<dyn Transport>) -> FheBackend {
+        let layers = client
+            .manifest
+            .layers
+            .iter()
+            .filter_map(|l| {
+                let scales = client.weight_scales.get(&l.id)?.clone();
+                Some((l.id, Layer { in_features: l.in_features, out_features: l.out_features, weight_scales: scales }))
+            })
+            .collect();
+        FheBackend { key, setting, layers, transport, traffic: Arc::default() }
+    }
+
+    fn layer(&self, call: LinearCall) -> Result<&Layer, ExecError> {
+        self.layers.get(&call.layer).ok_or_else(|| ExecError::Backend(format!("{} is not in the client artifact", call.layer)))
+    }
+}
+
+impl LinearBackend for FheBackend {
+    fn seal(&self, call: LinearCall, x: &Tensor) -> Result<Sealed, ExecError> {
+        let layer = self.layer(call)?;
+        let cols = if call.direction == Direction::Forward { layer.in_features } else { layer.out_features };
+        let shape = x.shape();
+        if shape.len() != 2 || shape[1] != cols {
+            return Err(ExecError::Backend(format!("{} {} expects [tokens, {cols}], got {shape:?}", call.layer, call.direction)));
+        }
+        let tokens = shape[0];
+        let mut data = x.to_f32_vec()?;
+        if call.direction == Direction::Backward {
+            data = scale_columns(&data, cols, &layer.weight_scales);
+        }
+        let q = quantize_rows(&data, tokens, cols);
+        let header = CallHeader { layer: call.layer, direction: call.direction };
+        let messages = q
+            .values
+            .chunks(POLY_SIZE * cols)
+            .map(|chunk| {
+                let block = encrypt(&self.key, self.setting, chunk, chunk.len() / cols, cols).map_err(backend_error)?;
+                Ok(encode_request(header, &block))
+            })
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        Ok(Box::new(Pending { tokens, row_scales: q.scales, messages }))
+    }
+
+    fn apply(&self, call: LinearCall, sealed: Sealed) -> Result<Sealed, ExecError> {
+        let mut pending = unseal::<Pending>(sealed, "fhe backend")?;
+        let requests = std::mem::take(&mut pending.messages);
+        for request in requests {
+            self.traffic.up.fetch_add(request.len() as u64, Ordering::Relaxed);
+            let response = self.transport.call(call.layer, call.direction, request).map_err(|e| ExecError::Backend(format!("server: {e}")))?;
+            self.traffic.down.fetch_add(response.len() as u64, Ordering::Relaxed);
+            pending.messages.push(response);
+        }
+        Ok(pending)
+    }
+
+    fn open(&self, call: LinearCall, sealed: Sealed) -> Result<Tensor, ExecError> {
+        let pending = unseal::<Pending>(sealed, "fhe backend")?;
+        let layer = self.layer(call)?;
+        let cols = if call.direction == Direction::Forward { layer.out_features } else { layer.in_features };
+        let mut acc = Vec::with_capacity(pending.tokens * cols);
+        for message in &pending.messages {
+            let (header, output) = decode_response(message).map_err(backend_error)?;
+            if header != (CallHeader { layer: call.layer, direction: call.direction }) || output.outputs != cols {
+                return Err(ExecError::Backend(format!("the server answered for {} {} with {} features", header.layer, header.direction, output.outputs)));
+            }
+            acc.extend(decrypt(&self.key, &output));
+        }
+        if acc.len() != pending.tokens * cols {
+            return Err(ExecError::Backend(format!("the server answered {} values for {} tokens × {cols}", acc.len(), pending.tokens)));
+        }
+        let col_scales = (call.direction == Direction::Forward).then_some(layer.weight_scales.as_slice());
+        Ok(Tensor::from_f32(&[pending.tokens, cols], dequantize(&acc, &pending.row_scales, col_scales, cols))?)
+    }
+}

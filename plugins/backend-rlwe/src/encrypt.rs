@@ -1,0 +1,87 @@
+//! Client side: a quantized block of T tokens × n features becomes n RLWE ciphertexts, one
+//! per feature, token t in coefficient t; results come back as m ciphertexts, one per output
+//! feature, and decrypt to a T × m block of integers.
+
+use rayon::prelude::*;
+use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, RandomGenerator, Seed, TUniform};
+use tfhe::core_crypto::seeders::new_seeder;
+
+use crate::{restore_bits, round_to_bits, ClientKey, RlweError, Setting, DELTA_LOG2, NOISE_BOUND_LOG2, POLY_SIZE};
+
+/// n ciphertexts on their way to the server: masks as one seed, bodies rounded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncryptedBlock {
+    pub setting: Setting,
+    pub tokens: usize,
+    pub inputs: usize,
+    pub seed: u128,
+    /// `inputs × N` bodies, each rounded to `setting.input_bits()` and right-aligned.
+    pub bodies: Vec<u64>,
+}
+
+/// m ciphertexts on their way back, masks and bodies rounded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncryptedOutput {
+    pub setting: Setting,
+    pub tokens: usize,
+    pub outputs: usize,
+    /// `outputs × N` each, rounded to `setting.output_bits()` and right-aligned.
+    pub masks: Vec<u64>,
+    pub bodies: Vec<u64>,
+}
+
+/// The `count × N` masks that `seed` stands for; client and server expand them alike.
+pub fn expand_masks(seed: u128, count: usize) -> Vec<u64> {
+    let mut generator = RandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
+    let mut masks = vec![0u64; count * POLY_SIZE];
+    generator.fill_slice_with_random_uniform(&mut masks);
+    masks
+}
+
+/// Encrypts a row-major `tokens × inputs` block of int8 values.
+pub fn encrypt(key: &ClientKey, setting: Setting, values: &[i8], tokens: usize, inputs: usize) -> Result<EncryptedBlock, RlweError> {
+    if tokens == 0 || tokens > POLY_SIZE || values.len() != tokens * inputs {
+        return Err(RlweError::Shape(format!("a block holds 1 to {POLY_SIZE} tokens; got {tokens} × {inputs} for {} values", values.len())));
+    }
+    let mut seeder = new_seeder();
+    let seed = seeder.seed().0;
+    let mut noise_generator = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
+    let mut bodies = vec![0u64; inputs * POLY_SIZE];
+    // Fresh noise first, then a·s + e + Δ·m, one ciphertext per input feature.
+    noise_generator.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(&mut bodies, TUniform::<u64>::new(NOISE_BOUND_LOG2));
+    let masks = expand_masks(seed, inputs);
+    let bits = setting.input_bits();
+    bodies.par_chunks_mut(POLY_SIZE).zip(masks.par_chunks(POLY_SIZE)).enumerate().for_each(|(i, (body, mask))| {
+        let mut product = vec![0u64; POLY_SIZE];
+        key.product().mul(mask, &mut product);
+        for (t, (b, p)) in body.iter_mut().zip(&product).enumerate() {
+            let message = if t < tokens { (values[t * inputs + i] as i64 as u64) << DELTA_LOG2 } else { 0 };
+            *b = round_to_bits(b.wrapping_add(*p).wrapping_add(message), bits);
+        }
+    });
+    Ok(EncryptedBlock { setting, tokens, inputs, seed, bodies })
+}
+
+/// Decrypts to a row-major `tokens × outputs` block of integer products.
+pub fn decrypt(key: &ClientKey, output: &EncryptedOutput) -> Vec<i64> {
+    let (tokens, outputs, bits) = (output.tokens, output.outputs, output.setting.output_bits());
+    let mut columns = vec![0i64; outputs * tokens];
+    columns.par_chunks_mut(tokens).enumerate().for_each(|(j, column)| {
+        let mask: Vec<u64> = output.masks[j * POLY_SIZE..(j + 1) * POLY_SIZE].iter().map(|&v| restore_bits(v, bits)).collect();
+        let mut product = vec![0u64; POLY_SIZE];
+        key.product().mul(&mask, &mut product);
+        for (t, y) in column.iter_mut().enumerate() {
+            let phase = restore_bits(output.bodies[j * POLY_SIZE + t], bits).wrapping_sub(product[t]);
+            // Round to the nearest multiple of Δ, read as a signed integer.
+            *y = (phase.wrapping_add(1 << (DELTA_LOG2 - 1)) as i64) >> DELTA_LOG2;
+        }
+    });
+    // Column-major (one ciphertext per output) to row-major tokens × outputs.
+    let mut rows = vec![0i64; tokens * outputs];
+    for (j, column) in columns.chunks(tokens).enumerate() {
+        for (t, &y) in column.iter().enumerate() {
+            rows[t * outputs + j] = y;
+        }
+    }
+    rows
+}

@@ -1,0 +1,113 @@
+//! The server's handler: a request in, a response out, for one layer and direction. Holds
+//! only the int8 weights; no key, no per-client state.
+
+use std::collections::HashMap;
+
+use fhe_exec::artifact::ServerArtifact;
+use fhe_ir::{Direction, LayerId};
+
+use crate::kernel::{linear_combination, ROW_BLOCK};
+use crate::wire::{decode_request, encode_response, CallHeader};
+use crate::{expand_masks, restore_bits, round_to_bits, EncryptedOutput, RlweError, POLY_SIZE};
+
+/// One layer's weights in both output-major orientations, rows padded to the kernel's block.
+struct LayerWeights {
+    in_features: usize,
+    out_features: usize,
+    /// `out × in`: forward outputs combine input features.
+    forward: Vec<i8>,
+    /// `in × out`: backward outputs (input gradients) combine output features.
+    backward: Vec<i8>,
+}
+
+fn padded(rows: usize) -> usize {
+    rows.div_ceil(ROW_BLOCK) * ROW_BLOCK
+}
+
+impl LayerWeights {
+    /// From the artifact's row-major `[in, out]` int8 weight.
+    fn new(in_features: usize, out_features: usize, w: &[i8]) -> LayerWeights {
+        let mut forward = vec![0i8; padded(out_features) * in_features];
+        for i in 0..in_features {
+            for j in 0..out_features {
+                forward[j * in_features + i] = w[i * out_features + j];
+            }
+        }
+        let mut backward = w.to_vec();
+        backward.resize(padded(in_features) * out_features, 0);
+        LayerWeights { in_features, out_features, forward, backward }
+    }
+
+    /// (weights, input width, output width) for a direction.
+    fn oriented(&self, direction: Direction) -> (&[i8], usize, usize) {
+        match direction {
+            Direction::Forward => (&self.forward, self.in_features, self.out_features),
+            Direction::Backward => (&self.backward, self.out_features, self.in_features),
+        }
+    }
+}
+
+pub struct LinearServer {
+    layers: HashMap<LayerId, LayerWeights>,
+}
+
+impl LinearServer {
+    pub fn new(artifact: &ServerArtifact) -> LinearServer {
+        let layers = artifact
+            .layers
+            .iter()
+            .map(|(&id, l)| (id, LayerWeights::new(l.entry.in_features, l.entry.out_features, &l.qweight)))
+            .collect();
+        LinearServer { layers }
+    }
+
+    /// From raw `[in, out]` int8 weights, for tests and benchmarks.
+    pub fn from_weights(layers: Vec<(LayerId, usize, usize, Vec<i8>)>) -> LinearServer {
+        LinearServer { layers: layers.into_iter().map(|(id, i, o, w)| (id, LayerWeights::new(i, o, &w))).collect() }
+    }
+
+    /// Input and output width of a call, if the layer exists.
+    pub fn widths(&self, layer: LayerId, direction: Direction) -> Option<(usize, usize)> {
+        self.layers.get(&layer).map(|l| {
+            let (_, n, m) = l.oriented(direction);
+            (n, m)
+        })
+    }
+
+    /// Decodes, checks against the layer table, computes, encodes.
+    pub fn handle(&self, layer: LayerId, direction: Direction, body: &[u8]) -> Result<Vec<u8>, RlweError> {
+        let weights = self.layers.get(&layer).ok_or(RlweError::UnknownLayer(layer.0, self.layers.len().saturating_sub(1)))?;
+        let (call, block) = decode_request(body)?;
+        if call != (CallHeader { layer, direction }) {
+            return Err(RlweError::Wire(format!(
+                "the request is for {} {} but was sent to {layer} {direction}",
+                call.layer, call.direction
+            )));
+        }
+        let (w, n, m) = weights.oriented(direction);
+        if block.inputs != n {
+            return Err(RlweError::Shape(format!("{layer} {direction} takes {n} features per token, the request has {}", block.inputs)));
+        }
+        // Rows [mask | body] of each input ciphertext.
+        let width = 2 * POLY_SIZE;
+        let masks = expand_masks(block.seed, n);
+        let bits = block.setting.input_bits();
+        let mut x = vec![0u64; n * width];
+        for (r, row) in x.chunks_mut(width).enumerate() {
+            row[..POLY_SIZE].copy_from_slice(&masks[r * POLY_SIZE..(r + 1) * POLY_SIZE]);
+            for (dst, &b) in row[POLY_SIZE..].iter_mut().zip(&block.bodies[r * POLY_SIZE..(r + 1) * POLY_SIZE]) {
+                *dst = restore_bits(b, bits);
+            }
+        }
+        let combined = linear_combination(w, padded(m), n, &x, width);
+        let out_bits = block.setting.output_bits();
+        let mut out_masks = Vec::with_capacity(m * POLY_SIZE);
+        let mut out_bodies = Vec::with_capacity(m * POLY_SIZE);
+        for row in combined.chunks(width).take(m) {
+            out_masks.extend(row[..POLY_SIZE].iter().map(|&v| round_to_bits(v, out_bits)));
+            out_bodies.extend(row[POLY_SIZE..].iter().map(|&v| round_to_bits(v, out_bits)));
+        }
+        let output = EncryptedOutput { setting: block.setting, tokens: block.tokens, outputs: m, masks: out_masks, bodies: out_bodies };
+        Ok(encode_response(call, &output))
+    }
+}

@@ -1,0 +1,207 @@
+//! Wire encoding of server calls: a fixed little-endian header, then bit-packed values.
+//! Decoding checks every field and the exact length before touching the payload.
+//!
+//! ```text
+//! request:  "FLRQ" version:u16 parameter_set:u16 setting:u8 direction:u8 layer:u32
+//!           tokens:u32 inputs:u32 seed:u128 | bodies: inputs·N values of input_bits
+//! response: "FLRS" version:u16 parameter_set:u16 setting:u8 direction:u8 layer:u32
+//!           tokens:u32 outputs:u32 | masks, bodies: outputs·N values of output_bits each
+//! ```
+
+use fhe_ir::{Direction, LayerId};
+
+use crate::{EncryptedBlock, EncryptedOutput, RlweError, Setting, PARAMETER_SET_ID, POLY_SIZE};
+
+pub const PROTOCOL_VERSION: u16 = 1;
+const REQUEST_MAGIC: &[u8; 4] = b"FLRQ";
+const RESPONSE_MAGIC: &[u8; 4] = b"FLRS";
+const HEADER_LEN: usize = 22;
+/// No GPT-2 layer is wider; bounds what a header can make the server allocate.
+pub const MAX_FEATURES: usize = 16384;
+
+/// Who the message is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallHeader {
+    pub layer: LayerId,
+    pub direction: Direction,
+}
+
+/// Packs each value's low `bits` bits, little-endian, back to back.
+pub fn pack(values: &[u64], bits: u32) -> Vec<u8> {
+    if bits % 8 == 0 {
+        let width = bits as usize / 8;
+        return values.iter().flat_map(|v| v.to_le_bytes()[..width].to_vec()).collect();
+    }
+    let mut out = Vec::with_capacity((values.len() * bits as usize).div_ceil(8));
+    let (mut acc, mut filled) = (0u128, 0u32);
+    for &v in values {
+        acc |= ((v & ((1u64 << bits) - 1)) as u128) << filled;
+        filled += bits;
+        while filled >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            filled -= 8;
+        }
+    }
+    if filled > 0 {
+        out.push(acc as u8);
+    }
+    out
+}
+
+pub fn packed_len(count: usize, bits: u32) -> usize {
+    (count * bits as usize).div_ceil(8)
+}
+
+/// Inverse of [`pack`]; `bytes` must be exactly `packed_len(count, bits)` long.
+pub fn unpack(bytes: &[u8], count: usize, bits: u32) -> Vec<u64> {
+    if bits % 8 == 0 {
+        let width = bits as usize / 8;
+        return bytes
+            .chunks_exact(width)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b[..width].copy_from_slice(c);
+                u64::from_le_bytes(b)
+            })
+            .collect();
+    }
+    let mask = (1u64 << bits) - 1;
+    let (mut out, mut acc, mut filled) = (Vec::with_capacity(count), 0u128, 0u32);
+    let mut bytes = bytes.iter();
+    while out.len() < count {
+        while filled < bits {
+            acc |= (*bytes.next().expect("length checked") as u128) << filled;
+            filled += 8;
+        }
+        out.push(acc as u64 & mask);
+        acc >>= bits;
+        filled -= bits;
+    }
+    out
+}
+
+fn direction_id(d: Direction) -> u8 {
+    match d {
+        Direction::Forward => 0,
+        Direction::Backward => 1,
+    }
+}
+
+fn header(magic: &[u8; 4], setting: Setting, call: CallHeader, tokens: usize, features: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_LEN + 16);
+    h.extend_from_slice(magic);
+    h.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    h.extend_from_slice(&PARAMETER_SET_ID.to_le_bytes());
+    h.push(setting.wire_id());
+    h.push(direction_id(call.direction));
+    h.extend_from_slice(&call.layer.0.to_le_bytes());
+    h.extend_from_slice(&(tokens as u32).to_le_bytes());
+    h.extend_from_slice(&(features as u32).to_le_bytes());
+    h
+}
+
+pub fn encode_request(call: CallHeader, block: &EncryptedBlock) -> Vec<u8> {
+    let mut out = header(REQUEST_MAGIC, block.setting, call, block.tokens, block.inputs);
+    out.extend_from_slice(&block.seed.to_le_bytes());
+    out.extend_from_slice(&pack(&block.bodies, block.setting.input_bits()));
+    out
+}
+
+pub fn encode_response(call: CallHeader, output: &EncryptedOutput) -> Vec<u8> {
+    let bits = output.setting.output_bits();
+    let mut out = header(RESPONSE_MAGIC, output.setting, call, output.tokens, output.outputs);
+    out.extend_from_slice(&pack(&output.masks, bits));
+    out.extend_from_slice(&pack(&output.bodies, bits));
+    out
+}
+
+struct Header {
+    setting: Setting,
+    call: CallHeader,
+    tokens: usize,
+    features: usize,
+}
+
+fn bad(what: impl Into<String>) -> RlweError {
+    RlweError::Wire(what.into())
+}
+
+fn decode_header(bytes: &[u8], magic: &[u8; 4], what: &str) -> Result<Header, RlweError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(bad(format!("{what} is {} bytes, shorter than its {HEADER_LEN}-byte header (truncated?)", bytes.len())));
+    }
+    if &bytes[..4] != magic {
+        return Err(bad(format!("not an fhe-lora {what} (wrong magic bytes)")));
+    }
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+    let version = u16_at(4);
+    if version != PROTOCOL_VERSION {
+        return Err(bad(format!("protocol version {version} is not supported; this build speaks version {PROTOCOL_VERSION}")));
+    }
+    let set = u16_at(6);
+    if set != PARAMETER_SET_ID {
+        return Err(bad(format!("parameter set {set} is not this server's ({PARAMETER_SET_ID}, {})", crate::PARAMETER_SET)));
+    }
+    let setting = Setting::from_wire_id(bytes[8]).ok_or_else(|| bad(format!("unknown setting {}", bytes[8])))?;
+    let direction = match bytes[9] {
+        0 => Direction::Forward,
+        1 => Direction::Backward,
+        d => return Err(bad(format!("unknown direction {d}"))),
+    };
+    let (tokens, features) = (u32_at(14) as usize, u32_at(18) as usize);
+    if tokens == 0 || tokens > POLY_SIZE {
+        return Err(bad(format!("{tokens} tokens; a message carries 1 to {POLY_SIZE}")));
+    }
+    if features == 0 || features > MAX_FEATURES {
+        return Err(bad(format!("{features} features; at most {MAX_FEATURES} are accepted")));
+    }
+    Ok(Header { setting, call: CallHeader { layer: LayerId(u32_at(10)), direction }, tokens, features })
+}
+
+fn check_len(bytes: &[u8], expected: usize, what: &str) -> Result<(), RlweError> {
+    if bytes.len() != expected {
+        let kind = if bytes.len() < expected { "truncated" } else { "oversized" };
+        return Err(bad(format!("{what} is {kind}: {} bytes where its header implies {expected}", bytes.len())));
+    }
+    Ok(())
+}
+
+pub fn decode_request(bytes: &[u8]) -> Result<(CallHeader, EncryptedBlock), RlweError> {
+    let h = decode_header(bytes, REQUEST_MAGIC, "request")?;
+    let bits = h.setting.input_bits();
+    let payload = packed_len(h.features * POLY_SIZE, bits);
+    check_len(bytes, HEADER_LEN + 16 + payload, "request")?;
+    let seed = u128::from_le_bytes(bytes[HEADER_LEN..HEADER_LEN + 16].try_into().unwrap());
+    let bodies = unpack(&bytes[HEADER_LEN + 16..], h.features * POLY_SIZE, bits);
+    Ok((h.call, EncryptedBlock { setting: h.setting, tokens: h.tokens, inputs: h.features, seed, bodies }))
+}
+
+pub fn decode_response(bytes: &[u8]) -> Result<(CallHeader, EncryptedOutput), RlweError> {
+    let h = decode_header(bytes, RESPONSE_MAGIC, "response")?;
+    let bits = h.setting.output_bits();
+    let half = packed_len(h.features * POLY_SIZE, bits);
+    check_len(bytes, HEADER_LEN + 2 * half, "response")?;
+    let masks = unpack(&bytes[HEADER_LEN..HEADER_LEN + half], h.features * POLY_SIZE, bits);
+    let bodies = unpack(&bytes[HEADER_LEN + half..], h.features * POLY_SIZE, bits);
+    Ok((h.call, EncryptedOutput { setting: h.setting, tokens: h.tokens, outputs: h.features, masks, bodies }))
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    #[test]
+    fn packing_round_trips_every_width() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for bits in [1, 7, 13, 32, 40, 48, 63, 64] {
+            let values: Vec<u64> = (0..101).map(|_| rng.random::<u64>() & if bits == 64 { u64::MAX } else { (1 << bits) - 1 }).collect();
+            let packed = pack(&values, bits);
+            assert_eq!(packed.len(), packed_len(values.len(), bits));
+            assert_eq!(unpack(&packed, values.len(), bits), values, "{bits} bits");
+        }
+    }
+}
