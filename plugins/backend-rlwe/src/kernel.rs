@@ -11,12 +11,14 @@ pub const ROW_BLOCK: usize = 4;
 /// Coefficients per block: four 512-bit registers per output row.
 const COEF_BLOCK: usize = 32;
 
-/// One block: `ROW_BLOCK` output rows × `COEF_BLOCK` coefficients starting at `c0`.
+/// One tile: `ROW_BLOCK` output rows × `COEF_BLOCK` coefficients, summed over all n inputs.
+/// `w` holds the tile's rows (`ROW_BLOCK × n`), `strip` the inputs' coefficients of this
+/// block (`n × COEF_BLOCK`, contiguous), `out` the tile (`ROW_BLOCK × COEF_BLOCK`).
 #[inline(always)]
-fn block(w: &[i8], n: usize, x: &[u64], width: usize, c0: usize, out: &mut [u64]) {
+fn tile(w: &[i8], n: usize, strip: &[u64], out: &mut [u64]) {
     let mut acc = [[0u64; COEF_BLOCK]; ROW_BLOCK];
     for r in 0..n {
-        let xr: &[u64; COEF_BLOCK] = x[r * width + c0..r * width + c0 + COEF_BLOCK].try_into().expect("block width");
+        let xr: &[u64; COEF_BLOCK] = strip[r * COEF_BLOCK..(r + 1) * COEF_BLOCK].try_into().expect("strip width");
         for (o, acc) in acc.iter_mut().enumerate() {
             // Sign-extended: a negative weight multiplies as its two's complement mod 2^64.
             let wv = w[o * n + r] as i64 as u64;
@@ -26,21 +28,23 @@ fn block(w: &[i8], n: usize, x: &[u64], width: usize, c0: usize, out: &mut [u64]
         }
     }
     for (o, acc) in acc.iter().enumerate() {
-        out[o * width + c0..o * width + c0 + COEF_BLOCK].copy_from_slice(acc);
+        out[o * COEF_BLOCK..(o + 1) * COEF_BLOCK].copy_from_slice(acc);
     }
 }
 
+/// All row tiles of one coefficient strip: the strip (n × 32 coefficients, ≤ 768 KiB) stays
+/// in L2 while every output row passes over it.
 #[inline(always)]
-fn row_block(w: &[i8], n: usize, x: &[u64], width: usize, out: &mut [u64]) {
-    for c0 in (0..width).step_by(COEF_BLOCK) {
-        block(w, n, x, width, c0, out);
+fn strip_all_rows(w: &[i8], rows: usize, n: usize, strip: &[u64], out: &mut [u64]) {
+    for (w, out) in w.chunks_exact(ROW_BLOCK * n).zip(out.chunks_exact_mut(ROW_BLOCK * COEF_BLOCK)).take(rows / ROW_BLOCK) {
+        tile(w, n, strip, out);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn row_block_avx512(w: &[i8], n: usize, x: &[u64], width: usize, out: &mut [u64]) {
-    row_block(w, n, x, width, out);
+unsafe fn strip_all_rows_avx512(w: &[i8], rows: usize, n: usize, strip: &[u64], out: &mut [u64]) {
+    strip_all_rows(w, rows, n, strip, out);
 }
 
 fn has_avx512() -> bool {
@@ -65,21 +69,34 @@ pub fn kernel_name() -> &'static str {
 
 /// `out[o][c] = Σ_r w[o][r]·x[r][c]` (wrapping). `w` is `rows × n`, output-major, with `rows` a
 /// multiple of [`ROW_BLOCK`] (pad with zero rows); `x` is `n × width`, `width` a multiple of
-/// 32. Returns `rows × width`.
+/// 32. Returns `rows × width`, row-major.
 pub fn linear_combination(w: &[i8], rows: usize, n: usize, x: &[u64], width: usize) -> Vec<u64> {
     assert!(rows % ROW_BLOCK == 0 && width % COEF_BLOCK == 0 && w.len() == rows * n && x.len() == n * width, "kernel shapes");
-    let mut out = vec![0u64; rows * width];
+    let strips = width / COEF_BLOCK;
     let avx512 = has_avx512();
-    out.par_chunks_mut(ROW_BLOCK * width).zip(w.par_chunks(ROW_BLOCK * n)).for_each(|(out, w)| {
+    // Strip-major results: each rayon task owns one coefficient strip of every row.
+    let mut by_strip = vec![0u64; strips * rows * COEF_BLOCK];
+    by_strip.par_chunks_mut(rows * COEF_BLOCK).enumerate().for_each(|(s, out)| {
+        let c0 = s * COEF_BLOCK;
+        let mut strip = vec![0u64; n * COEF_BLOCK];
+        for (r, dst) in strip.chunks_exact_mut(COEF_BLOCK).enumerate() {
+            dst.copy_from_slice(&x[r * width + c0..r * width + c0 + COEF_BLOCK]);
+        }
         #[cfg(target_arch = "x86_64")]
         if avx512 {
             // SAFETY: the CPU was checked for the features this build needs.
-            unsafe { row_block_avx512(w, n, x, width, out) };
+            unsafe { strip_all_rows_avx512(w, rows, n, &strip, out) };
             return;
         }
         let _ = avx512;
-        row_block(w, n, x, width, out);
+        strip_all_rows(w, rows, n, &strip, out);
     });
+    let mut out = vec![0u64; rows * width];
+    for (s, block) in by_strip.chunks_exact(rows * COEF_BLOCK).enumerate() {
+        for (o, values) in block.chunks_exact(COEF_BLOCK).enumerate() {
+            out[o * width + s * COEF_BLOCK..o * width + (s + 1) * COEF_BLOCK].copy_from_slice(values);
+        }
+    }
     out
 }
 
@@ -103,10 +120,13 @@ mod tests {
             }
         }
         // The portable build gives the same result as the dispatched one.
-        let mut portable = vec![0u64; rows * width];
-        for (out, w) in portable.chunks_mut(ROW_BLOCK * width).zip(w.chunks(ROW_BLOCK * n)) {
-            row_block(w, n, &x, width, out);
+        for s in 0..width / COEF_BLOCK {
+            let strip: Vec<u64> = (0..n).flat_map(|r| x[r * width + s * COEF_BLOCK..][..COEF_BLOCK].to_vec()).collect();
+            let mut portable = vec![0u64; rows * COEF_BLOCK];
+            strip_all_rows(&w, rows, n, &strip, &mut portable);
+            for o in 0..rows {
+                assert_eq!(portable[o * COEF_BLOCK..][..COEF_BLOCK], got[o * width + s * COEF_BLOCK..][..COEF_BLOCK]);
+            }
         }
-        assert_eq!(portable, got);
     }
 }

@@ -88,25 +88,18 @@ impl LinearServer {
         if block.inputs != n {
             return Err(RlweError::Shape(format!("{layer} {direction} takes {n} features per token, the request has {}", block.inputs)));
         }
-        // Rows [mask | body] of each input ciphertext.
-        let width = 2 * POLY_SIZE;
+        // Masks and bodies combine with the same weights: two products of n × N coefficients.
         let masks = expand_masks(block.seed, n);
         let bits = block.setting.input_bits();
-        let mut x = vec![0u64; n * width];
-        for (r, row) in x.chunks_mut(width).enumerate() {
-            row[..POLY_SIZE].copy_from_slice(&masks[r * POLY_SIZE..(r + 1) * POLY_SIZE]);
-            for (dst, &b) in row[POLY_SIZE..].iter_mut().zip(&block.bodies[r * POLY_SIZE..(r + 1) * POLY_SIZE]) {
-                *dst = restore_bits(b, bits);
-            }
-        }
-        let combined = linear_combination(w, padded(m), n, &x, width);
+        let bodies: Vec<u64> = block.bodies.iter().map(|&b| restore_bits(b, bits)).collect();
         let out_bits = block.setting.output_bits();
-        let mut out_masks = Vec::with_capacity(m * POLY_SIZE);
-        let mut out_bodies = Vec::with_capacity(m * POLY_SIZE);
-        for row in combined.chunks(width).take(m) {
-            out_masks.extend(row[..POLY_SIZE].iter().map(|&v| round_to_bits(v, out_bits)));
-            out_bodies.extend(row[POLY_SIZE..].iter().map(|&v| round_to_bits(v, out_bits)));
-        }
+        let combine = |x: &[u64]| -> Vec<u64> {
+            let mut y = linear_combination(w, padded(m), n, x, POLY_SIZE);
+            y.truncate(m * POLY_SIZE);
+            y.iter_mut().for_each(|v| *v = round_to_bits(*v, out_bits));
+            y
+        };
+        let (out_masks, out_bodies) = (combine(&masks), combine(&bodies));
         let output = EncryptedOutput { setting: block.setting, tokens: block.tokens, outputs: m, masks: out_masks, bodies: out_bodies };
         Ok(encode_response(call, &output))
     }
