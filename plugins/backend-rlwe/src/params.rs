@@ -25,8 +25,8 @@ pub const PARAMETER_SET_ID: u16 = 1;
 pub enum Setting {
     /// Results equal the integer product, always (bounded noise; docs/CRYPTO.md §3).
     Exact,
-    /// 4 fewer bytes per output value; results within ±2 of the integer product except with
-    /// probability below 2^-50 per value (docs/CRYPTO.md §4).
+    /// 8 bytes less per output value; results within ±2 of the integer product except with
+    /// probability below 2^-38 per value for the worst-case weights (docs/CRYPTO.md §4).
     Compact,
 }
 
