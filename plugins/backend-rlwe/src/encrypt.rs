@@ -30,11 +30,21 @@ pub struct EncryptedOutput {
     pub bodies: Vec<u64>,
 }
 
+/// Bytes of CSPRNG output one TUniform(2^17) sample takes (its 19 bits, rounded up).
+const NOISE_BYTES: usize = (NOISE_BOUND_LOG2 as usize + 2).div_ceil(8);
+
+/// One child generator per ciphertext, each owning a disjoint range of the stream, so the
+/// ciphertexts fill in parallel and the result does not depend on the thread count.
+fn children(seed: Seed, count: usize, bytes_each: usize) -> impl IndexedParallelIterator<Item = RandomGenerator<DefaultRandomGenerator>> {
+    RandomGenerator::<DefaultRandomGenerator>::new(seed).par_try_fork(count, bytes_each).expect("the stream covers every child")
+}
+
 /// The `count × N` masks that `seed` stands for; client and server expand them alike.
 pub fn expand_masks(seed: u128, count: usize) -> Vec<u64> {
-    let mut generator = RandomGenerator::<DefaultRandomGenerator>::new(Seed(seed));
     let mut masks = vec![0u64; count * POLY_SIZE];
-    generator.fill_slice_with_random_uniform(&mut masks);
+    masks.par_chunks_mut(POLY_SIZE).zip(children(Seed(seed), count, POLY_SIZE * 8)).for_each(|(mask, mut generator)| {
+        generator.fill_slice_with_random_uniform(mask);
+    });
     masks
 }
 
@@ -45,13 +55,13 @@ pub fn encrypt(key: &ClientKey, setting: Setting, values: &[i8], tokens: usize, 
     }
     let mut seeder = new_seeder();
     let seed = seeder.seed().0;
-    let mut noise_generator = RandomGenerator::<DefaultRandomGenerator>::new(seeder.seed());
-    let mut bodies = vec![0u64; inputs * POLY_SIZE];
-    // Fresh noise first, then a·s + e + Δ·m, one ciphertext per input feature.
-    noise_generator.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(&mut bodies, TUniform::<u64>::new(NOISE_BOUND_LOG2));
+    let noise = children(seeder.seed(), inputs, POLY_SIZE * NOISE_BYTES);
     let masks = expand_masks(seed, inputs);
     let bits = setting.input_bits();
-    bodies.par_chunks_mut(POLY_SIZE).zip(masks.par_chunks(POLY_SIZE)).enumerate().for_each(|(i, (body, mask))| {
+    let mut bodies = vec![0u64; inputs * POLY_SIZE];
+    // b = e + a·s + Δ·m, one ciphertext per input feature.
+    bodies.par_chunks_mut(POLY_SIZE).zip(masks.par_chunks(POLY_SIZE)).zip(noise).enumerate().for_each(|(i, ((body, mask), mut noise))| {
+        noise.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(body, TUniform::<u64>::new(NOISE_BOUND_LOG2));
         let mut product = vec![0u64; POLY_SIZE];
         key.product().mul(mask, &mut product);
         for (t, (b, p)) in body.iter_mut().zip(&product).enumerate() {

@@ -20,7 +20,7 @@ pub mod wire;
 pub use client::{FheBackend, LocalTransport, Traffic, Transport};
 pub use encrypt::{decrypt, encrypt, expand_masks, EncryptedBlock, EncryptedOutput};
 pub use error::RlweError;
-pub use kernel::{kernel_name, linear_combination};
+pub use kernel::{kernel_name, linear_combination, PackedWeights};
 pub use key::ClientKey;
 pub use ntt::SecretProduct;
 pub use params::*;

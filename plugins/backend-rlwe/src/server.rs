@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use fhe_exec::artifact::ServerArtifact;
 use fhe_ir::{Direction, LayerId};
 
-use crate::kernel::{linear_combination, ROW_BLOCK};
+use crate::kernel::{linear_combination, PackedWeights, ROW_BLOCK};
 use crate::wire::{decode_request, encode_response, CallHeader};
 use crate::{expand_masks, restore_bits, round_to_bits, EncryptedOutput, RlweError, POLY_SIZE};
 
@@ -15,9 +15,9 @@ struct LayerWeights {
     in_features: usize,
     out_features: usize,
     /// `out × in`: forward outputs combine input features.
-    forward: Vec<i8>,
+    forward: PackedWeights,
     /// `in × out`: backward outputs (input gradients) combine output features.
-    backward: Vec<i8>,
+    backward: PackedWeights,
 }
 
 fn padded(rows: usize) -> usize {
@@ -35,11 +35,16 @@ impl LayerWeights {
         }
         let mut backward = w.to_vec();
         backward.resize(padded(in_features) * out_features, 0);
-        LayerWeights { in_features, out_features, forward, backward }
+        LayerWeights {
+            in_features,
+            out_features,
+            forward: PackedWeights::new(forward, padded(out_features), in_features),
+            backward: PackedWeights::new(backward, padded(in_features), out_features),
+        }
     }
 
     /// (weights, input width, output width) for a direction.
-    fn oriented(&self, direction: Direction) -> (&[i8], usize, usize) {
+    fn oriented(&self, direction: Direction) -> (&PackedWeights, usize, usize) {
         match direction {
             Direction::Forward => (&self.forward, self.in_features, self.out_features),
             Direction::Backward => (&self.backward, self.out_features, self.in_features),
@@ -94,7 +99,7 @@ impl LinearServer {
         let bodies: Vec<u64> = block.bodies.iter().map(|&b| restore_bits(b, bits)).collect();
         let out_bits = block.setting.output_bits();
         let combine = |x: &[u64]| -> Vec<u64> {
-            let mut y = linear_combination(w, padded(m), n, x, POLY_SIZE);
+            let mut y = linear_combination(w, x, POLY_SIZE);
             y.truncate(m * POLY_SIZE);
             y.iter_mut().for_each(|v| *v = round_to_bits(*v, out_bits));
             y

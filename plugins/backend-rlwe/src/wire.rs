@@ -30,7 +30,11 @@ pub struct CallHeader {
 pub fn pack(values: &[u64], bits: u32) -> Vec<u8> {
     if bits % 8 == 0 {
         let width = bits as usize / 8;
-        return values.iter().flat_map(|v| v.to_le_bytes()[..width].to_vec()).collect();
+        let mut out = Vec::with_capacity(values.len() * width);
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes()[..width]);
+        }
+        return out;
     }
     let mut out = Vec::with_capacity((values.len() * bits as usize).div_ceil(8));
     let (mut acc, mut filled) = (0u128, 0u32);
