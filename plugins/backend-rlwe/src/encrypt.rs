@@ -95,3 +95,56 @@ pub fn decrypt(key: &ClientKey, output: &EncryptedOutput) -> Vec<i64> {
     }
     rows
 }
+
+#[cfg(test)]
+mod tests {
+    use tfhe::core_crypto::commons::generators::EncryptionRandomGenerator;
+    use tfhe::core_crypto::prelude::{
+        decrypt_glwe_ciphertext, encrypt_glwe_ciphertext, CiphertextModulus, GlweCiphertext, GlweSize, PlaintextCount, PlaintextList, PolynomialSize,
+    };
+
+    use super::*;
+
+    fn decode(v: u64) -> i64 {
+        (v.wrapping_add(1 << (DELTA_LOG2 - 1)) as i64) >> DELTA_LOG2
+    }
+
+    #[test]
+    fn our_ciphertexts_are_tfhe_glwe_ciphertexts_and_back() {
+        let key = ClientKey::from_seed(1);
+        let (tokens, inputs) = (5, 2);
+        let x: Vec<i8> = vec![1, -2, 3, -4, 127, -128, 0, 9, -77, 55];
+        let block = encrypt(&key, Setting::Exact, &x, tokens, inputs).unwrap();
+        let masks = expand_masks(block.seed, inputs);
+        for i in 0..inputs {
+            let mut data = masks[i * POLY_SIZE..(i + 1) * POLY_SIZE].to_vec();
+            data.extend(block.bodies[i * POLY_SIZE..(i + 1) * POLY_SIZE].iter().map(|&b| restore_bits(b, Setting::Exact.input_bits())));
+            let ct = GlweCiphertext::from_container(data, PolynomialSize(POLY_SIZE), CiphertextModulus::new_native());
+            let mut plain = PlaintextList::new(0u64, PlaintextCount(POLY_SIZE));
+            decrypt_glwe_ciphertext(key.secret(), &ct, &mut plain);
+            let decoded: Vec<i64> = plain.as_ref().iter().map(|&v| decode(v)).collect();
+            for t in 0..POLY_SIZE {
+                let want = if t < tokens { x[t * inputs + i] as i64 } else { 0 };
+                assert_eq!(decoded[t], want, "tfhe decrypts ours: input {i}, coefficient {t}");
+            }
+        }
+
+        // A ciphertext made by tfhe's own encryption decrypts with ours.
+        let messages: Vec<u64> = (0..POLY_SIZE as u64).map(|t| ((t % 7) as i64 - 3) as u64).collect();
+        let plain = PlaintextList::from_container(messages.iter().map(|&m| m << DELTA_LOG2).collect::<Vec<u64>>());
+        let mut ct = GlweCiphertext::new(0u64, GlweSize(2), PolynomialSize(POLY_SIZE), CiphertextModulus::new_native());
+        let mut seeder = new_seeder();
+        let mut generator = EncryptionRandomGenerator::<DefaultRandomGenerator>::new(seeder.seed(), seeder.as_mut());
+        encrypt_glwe_ciphertext(key.secret(), &mut ct, &plain, TUniform::<u64>::new(NOISE_BOUND_LOG2), &mut generator);
+        let data = ct.into_container();
+        let output = EncryptedOutput {
+            setting: Setting::Exact,
+            tokens: POLY_SIZE,
+            outputs: 1,
+            masks: data[..POLY_SIZE].to_vec(),
+            bodies: data[POLY_SIZE..].to_vec(),
+        };
+        let ours: Vec<i64> = decrypt(&key, &output);
+        assert_eq!(ours, messages.iter().map(|&m| m as i64).collect::<Vec<_>>());
+    }
+}

@@ -39,6 +39,11 @@ impl ClientKey {
         ClientKey { secret, product }
     }
 
+    #[cfg(test)]
+    pub(crate) fn secret(&self) -> &GlweSecretKeyOwned<u64> {
+        &self.secret
+    }
+
     pub(crate) fn product(&self) -> &SecretProduct {
         &self.product
     }
