@@ -88,11 +88,11 @@ pub fn decrypt(key: &ClientKey, output: &EncryptedOutput) -> Vec<i64> {
     });
     // Column-major (one ciphertext per output) to row-major tokens × outputs.
     let mut rows = vec![0i64; tokens * outputs];
-    for (j, column) in columns.chunks(tokens).enumerate() {
-        for (t, &y) in column.iter().enumerate() {
-            rows[t * outputs + j] = y;
+    rows.par_chunks_mut(outputs).enumerate().for_each(|(t, row)| {
+        for (j, y) in row.iter_mut().enumerate() {
+            *y = columns[j * tokens + t];
         }
-    }
+    });
     rows
 }
 

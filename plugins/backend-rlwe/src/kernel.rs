@@ -89,15 +89,24 @@ impl PackedWeights {
 }
 
 /// Byte-limb layout of one strip: `limbs[k][g][c][q]` = byte k of `x[4g + q][c0 + c]`.
+/// Written one limb plane at a time so every pass reads the strip in order.
 fn limb_strip(x: &[u64], n: usize, width: usize, c0: usize, groups: usize, limbs: &mut [u8]) {
-    limbs.fill(0);
     let plane = groups * VNNI_STRIP * 4;
-    for r in 0..n {
-        let (g, q) = (r / 4, r % 4);
-        for c in 0..VNNI_STRIP {
-            let bytes = x[r * width + c0 + c].to_le_bytes();
-            for (k, &b) in bytes.iter().enumerate() {
-                limbs[k * plane + (g * VNNI_STRIP + c) * 4 + q] = b;
+    for (k, plane_bytes) in limbs.chunks_exact_mut(plane).enumerate() {
+        let shift = 8 * k;
+        for (g, group) in plane_bytes.chunks_exact_mut(VNNI_STRIP * 4).enumerate() {
+            for q in 0..4 {
+                let r = 4 * g + q;
+                if r >= n {
+                    for c in 0..VNNI_STRIP {
+                        group[c * 4 + q] = 0;
+                    }
+                    continue;
+                }
+                let row = &x[r * width + c0..r * width + c0 + VNNI_STRIP];
+                for c in 0..VNNI_STRIP {
+                    group[c * 4 + q] = (row[c] >> shift) as u8;
+                }
             }
         }
     }
@@ -163,11 +172,12 @@ fn linear_combination_vnni(weights: &PackedWeights, x: &[u64], width: usize) -> 
 /// Strip-major results (`strips × rows × strip`) to row-major `rows × width`.
 fn unstrip(by_strip: &[u64], rows: usize, width: usize, strip: usize) -> Vec<u64> {
     let mut out = vec![0u64; rows * width];
-    for (s, block) in by_strip.chunks_exact(rows * strip).enumerate() {
-        for (o, values) in block.chunks_exact(strip).enumerate() {
-            out[o * width + s * strip..o * width + (s + 1) * strip].copy_from_slice(values);
+    out.par_chunks_mut(width).enumerate().for_each(|(o, row)| {
+        for (s, values) in row.chunks_exact_mut(strip).enumerate() {
+            let at = (s * rows + o) * strip;
+            values.copy_from_slice(&by_strip[at..at + strip]);
         }
-    }
+    });
     out
 }
 

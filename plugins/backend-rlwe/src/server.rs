@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use fhe_exec::artifact::ServerArtifact;
 use fhe_ir::{Direction, LayerId};
+use rayon::prelude::*;
 
 use crate::kernel::{linear_combination, PackedWeights, ROW_BLOCK};
 use crate::wire::{decode_request, encode_response, CallHeader};
@@ -96,12 +97,12 @@ impl LinearServer {
         // Masks and bodies combine with the same weights: two products of n × N coefficients.
         let masks = expand_masks(block.seed, n);
         let bits = block.setting.input_bits();
-        let bodies: Vec<u64> = block.bodies.iter().map(|&b| restore_bits(b, bits)).collect();
+        let bodies: Vec<u64> = block.bodies.par_iter().map(|&b| restore_bits(b, bits)).collect();
         let out_bits = block.setting.output_bits();
         let combine = |x: &[u64]| -> Vec<u64> {
             let mut y = linear_combination(w, x, POLY_SIZE);
             y.truncate(m * POLY_SIZE);
-            y.iter_mut().for_each(|v| *v = round_to_bits(*v, out_bits));
+            y.par_iter_mut().for_each(|v| *v = round_to_bits(*v, out_bits));
             y
         };
         let (out_masks, out_bodies) = (combine(&masks), combine(&bodies));

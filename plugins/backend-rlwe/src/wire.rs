@@ -9,6 +9,7 @@
 //! ```
 
 use fhe_ir::{Direction, LayerId};
+use rayon::prelude::*;
 
 use crate::{EncryptedBlock, EncryptedOutput, RlweError, Setting, PARAMETER_SET_ID, POLY_SIZE};
 
@@ -30,10 +31,8 @@ pub struct CallHeader {
 pub fn pack(values: &[u64], bits: u32) -> Vec<u8> {
     if bits % 8 == 0 {
         let width = bits as usize / 8;
-        let mut out = Vec::with_capacity(values.len() * width);
-        for v in values {
-            out.extend_from_slice(&v.to_le_bytes()[..width]);
-        }
+        let mut out = vec![0u8; values.len() * width];
+        out.par_chunks_mut(width).zip(values.par_iter()).for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes()[..width]));
         return out;
     }
     let mut out = Vec::with_capacity((values.len() * bits as usize).div_ceil(8));
@@ -62,7 +61,7 @@ pub fn unpack(bytes: &[u8], count: usize, bits: u32) -> Vec<u64> {
     if bits % 8 == 0 {
         let width = bits as usize / 8;
         return bytes
-            .chunks_exact(width)
+            .par_chunks_exact(width)
             .map(|c| {
                 let mut b = [0u8; 8];
                 b[..width].copy_from_slice(c);

@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::tensor_io::{decode_safetensors, tensor_bytes};
+use crate::tensor_io::{self, decode_safetensors, tensor_bytes};
 use crate::ExecError;
 
 pub const FORMAT: &str = "fhe-lora-artifact";
@@ -299,23 +299,11 @@ fn read_graph(dir: &Path, entry: &FileEntry, weights: &HashMap<String, Arc<Tenso
 }
 
 fn encode_tensors(tensors: &[(String, &Tensor)]) -> Result<Vec<u8>, ExecError> {
-    let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            let (dtype, bytes) = tensor_bytes(t);
-            (name.clone(), dtype, t.shape().to_vec(), bytes)
-        })
-        .collect();
-    encode_raw(&raw)
+    tensor_io::encode_tensors(tensors).map_err(|what| ExecError::Safetensors { path: "(in memory)".into(), what })
 }
 
 fn encode_raw(raw: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>, ExecError> {
-    let views = raw
-        .iter()
-        .map(|(name, dtype, shape, bytes)| safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ExecError::Safetensors { path: "(in memory)".into(), what: e.to_string() })?;
-    safetensors::serialize(views, None).map_err(|e| ExecError::Safetensors { path: "(in memory)".into(), what: e.to_string() })
+    tensor_io::encode_raw(raw).map_err(|what| ExecError::Safetensors { path: "(in memory)".into(), what })
 }
 
 // ---- parts -----------------------------------------------------------------------------

@@ -20,23 +20,30 @@ pub fn tensor_bytes(t: &Tensor) -> (Dtype, Vec<u8>) {
     }
 }
 
-pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<(), ExecError> {
-    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+/// Safetensors bytes of raw little-endian tensors: (name, dtype, shape, bytes).
+pub fn encode_raw(raw: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>, String> {
+    let views = raw
+        .iter()
+        .map(|(name, dtype, shape, bytes)| safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
+}
+
+/// Safetensors bytes of named tensors.
+pub fn encode_tensors(tensors: &[(String, &Tensor)]) -> Result<Vec<u8>, String> {
+    let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
             let (dtype, bytes) = tensor_bytes(t);
             (name.clone(), dtype, t.shape().to_vec(), bytes)
         })
         .collect();
-    let views = encoded
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ExecError::Safetensors { path: path.display().to_string(), what: e.to_string() })?;
-    let bytes = safetensors::serialize(views, None)
-        .map_err(|e| ExecError::Safetensors { path: path.display().to_string(), what: e.to_string() })?;
+    encode_raw(&raw)
+}
+
+pub fn write_safetensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<(), ExecError> {
+    let bytes = encode_tensors(tensors).map_err(|what| ExecError::Safetensors { path: path.display().to_string(), what })?;
     std::fs::write(path, bytes).map_err(io_error(path))
 }
 

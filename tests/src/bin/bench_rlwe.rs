@@ -13,6 +13,11 @@ use fhe_backend_rlwe::{decrypt, encrypt, kernel_name, ClientKey, LinearServer, S
 use fhe_ir::{Direction, LayerId};
 use fhe_tests::Random;
 
+// As in the fhe-run binary: large per-request buffers are reused instead of being returned to
+// the OS and faulted in again on every call.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
