@@ -122,7 +122,7 @@ fn check_gradients(targets: LoraTargets) {
             let analytic: f64 = grad.iter().zip(&unit).map(|(g, u)| *g as f64 * *u as f64).sum();
             // Step so the loss moves by ~1e-3: far above f32 rounding, small for curvature.
             let eps = (5e-4 / norm).min(1e-1) as f32;
-            let mut at = |sign: f32| {
+            let at = |sign: f32| {
                 let mut moved = lora.clone();
                 moved.insert(key.clone(), axpy(value, sign * eps, &unit));
                 loss(&train_step(&a, &backend, &moved, &ids, &labels))
