@@ -30,13 +30,14 @@ pub fn quantize_weight(weight: &Tensor) -> Result<QuantizedWeight, PassError> {
             *s = s.max(v.abs());
         }
     }
-    // An all-zero column gets scale 1 so dequantization stays finite.
+    // An all-zero column gets scale 0: its outputs are exactly zero, whatever the encrypted
+    // product's decoding error.
     for s in &mut scales {
-        *s = if *s > 0.0 { *s / QMAX } else { 1.0 };
+        *s /= QMAX;
     }
     let values = data
         .chunks_exact(cols)
-        .flat_map(|row| row.iter().zip(&scales).map(|(v, s)| (v / s).round().clamp(-QMAX, QMAX) as i8))
+        .flat_map(|row| row.iter().zip(&scales).map(|(v, s)| if *s > 0.0 { (v / s).round().clamp(-QMAX, QMAX) as i8 } else { 0 }))
         .collect();
     Ok(QuantizedWeight { shape: [rows, cols], values, scales })
 }
@@ -49,7 +50,7 @@ mod tests {
     fn each_column_uses_its_own_range() {
         let w = Tensor::from_f32(&[2, 3], vec![1.0, -0.5, 0.0, -2.0, 0.25, 0.0]).unwrap();
         let q = quantize_weight(&w).unwrap();
-        assert_eq!(q.scales, vec![2.0 / 127.0, 0.5 / 127.0, 1.0]);
+        assert_eq!(q.scales, vec![2.0 / 127.0, 0.5 / 127.0, 0.0]);
         assert_eq!(q.values, vec![64, -127, 0, -127, 64, 0]);
     }
 }

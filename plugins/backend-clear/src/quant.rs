@@ -13,16 +13,20 @@ pub struct QuantizedRows {
     pub scales: Vec<f32>,
 }
 
-/// Quantizes each row with its own scale `max|row|/127` (an all-zero row gets scale 1).
+/// Quantizes each row with its own scale `max|row|/127`. An all-zero row gets scale 0: its
+/// products are exactly zero, and scale 0 keeps them zero even when the encrypted result
+/// carries the compact setting's ±2 decoding error (padding and ignored positions give
+/// all-zero gradient rows).
 pub fn quantize_rows(data: &[f32], rows: usize, cols: usize) -> QuantizedRows {
     assert_eq!(data.len(), rows * cols, "block size");
     let mut values = vec![0i8; rows * cols];
-    let mut scales = vec![1f32; rows];
+    let mut scales = vec![0f32; rows];
     for ((row, out), scale) in data.chunks_exact(cols.max(1)).zip(values.chunks_exact_mut(cols.max(1))).zip(&mut scales) {
         let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if max > 0.0 {
-            *scale = max / QMAX;
+        if max == 0.0 {
+            continue;
         }
+        *scale = max / QMAX;
         for (q, v) in out.iter_mut().zip(row) {
             *q = (v / *scale).round().clamp(-QMAX, QMAX) as i8;
         }
@@ -55,10 +59,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_use_their_own_scale_and_zero_rows_stay_finite() {
+    fn rows_use_their_own_scale_and_zero_rows_stay_zero() {
         let q = quantize_rows(&[1.0, -0.5, 0.0, 0.0, 254.0, -127.0], 3, 2);
         assert_eq!(q.values, vec![127, -64, 0, 0, 127, -64]);
-        assert_eq!(q.scales, vec![1.0 / 127.0, 1.0, 2.0]);
+        assert_eq!(q.scales, vec![1.0 / 127.0, 0.0, 2.0]);
+        // Whatever a noisy product says for the zero row, it dequantizes to exactly zero.
+        assert_eq!(dequantize(&[5, -3, 2, 1, 0, 0], &q.scales, None, 2)[2..4], [0.0, 0.0]);
     }
 
     #[test]

@@ -1,3 +1,5 @@
-//! fhe-train: the client side of fine-tuning. So far: training data (see [`data`]).
+//! fhe-train: the client side of fine-tuning: training data ([`data`]) and the training loop
+//! ([`trainer`]).
 
 pub mod data;
+pub mod trainer;
