@@ -23,7 +23,7 @@ struct Setup {
 fn setup(setting: Setting) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let lora = LoraConfig { rank: 4, alpha: 32.0, targets: LoraTargets::AllLinear, seed: 0 };
-    let options = CompileOptions { model: repo_path("models/gpt2-tiny/model.onnx"), output: dir.path().to_path_buf(), lora };
+    let options = CompileOptions { model: repo_path("models/gpt2-tiny/model.onnx"), output: dir.path().to_path_buf(), lora, tokenizer: None };
     compile(&options, &registry()).unwrap();
     let client = ClientArtifact::load(dir.path(), &registry()).unwrap();
     let server = ServerArtifact::load(dir.path()).unwrap();

@@ -29,7 +29,7 @@ fn compile_tiny(targets: LoraTargets, rank: usize) -> Artifact {
 fn compile_model(model: &Path, targets: LoraTargets, rank: usize) -> Artifact {
     let dir = tempfile::tempdir().unwrap();
     let lora = LoraConfig { rank, alpha: 32.0, targets, seed: 0 };
-    let options = CompileOptions { model: model.to_path_buf(), output: dir.path().to_path_buf(), lora };
+    let options = CompileOptions { model: model.to_path_buf(), output: dir.path().to_path_buf(), lora, tokenizer: None };
     let compiled = compile(&options, &registry()).unwrap();
     let client = ClientArtifact::load(dir.path(), &registry()).unwrap();
     let server = ServerArtifact::load(dir.path()).unwrap();

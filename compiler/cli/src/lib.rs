@@ -20,6 +20,9 @@ pub struct CompileOptions {
     pub model: PathBuf,
     pub output: PathBuf,
     pub lora: LoraConfig,
+    /// The tokenizer to ship in the client part [default: `tokenizer.json` beside the model,
+    /// if there is one].
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// What compiling produced, for the report.
@@ -57,6 +60,15 @@ fn context_length(graph: &Graph) -> Option<usize> {
             _ => None,
         }
     })
+}
+
+fn tokenizer_bytes(options: &CompileOptions) -> Result<Option<Vec<u8>>> {
+    let beside = options.model.with_file_name("tokenizer.json");
+    match &options.tokenizer {
+        Some(path) => Ok(Some(std::fs::read(path).with_context(|| format!("reading --tokenizer {}", path.display()))?)),
+        None if beside.is_file() => Ok(Some(std::fs::read(&beside).with_context(|| format!("reading {}", beside.display()))?)),
+        None => Ok(None),
+    }
 }
 
 /// Imports, transforms and writes the artifact for `options`.
@@ -103,6 +115,7 @@ pub fn compile(options: &CompileOptions, registry: &Registry) -> Result<Compiled
         },
         lora_init: adapters.iter().flat_map(|a| [(a.a_key.clone(), &a.a_init), (a.b_key.clone(), &a.b_init)]).collect(),
         weight_scales: infos.iter().zip(&quantized).map(|(l, q)| (l.id, q.scales.clone())).collect(),
+        tokenizer: tokenizer_bytes(options)?,
     };
     let server: Vec<ServerLayerData> = server_layers
         .iter()

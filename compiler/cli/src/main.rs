@@ -44,6 +44,10 @@ struct Args {
     #[arg(long, value_name = "IO.safetensors")]
     check_io: Option<PathBuf>,
 
+    /// Tokenizer to ship in the client part [default: `tokenizer.json` beside the model].
+    #[arg(long, value_name = "tokenizer.json")]
+    tokenizer: Option<PathBuf>,
+
     /// Largest accepted max |difference| per output for `--check-io`.
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f32,
@@ -53,7 +57,7 @@ fn run(args: Args) -> Result<bool> {
     let registry = registry();
     let output = args.output.clone().unwrap_or_else(|| default_output(&args.model));
     let lora = LoraConfig { rank: args.lora_rank, alpha: args.lora_alpha, targets: LoraTargets::parse(&args.lora_targets)?, seed: args.lora_seed };
-    let options = CompileOptions { model: args.model.clone(), output: output.clone(), lora };
+    let options = CompileOptions { model: args.model.clone(), output: output.clone(), lora, tokenizer: args.tokenizer.clone() };
     let c = compile(&options, &registry)?;
     println!("compiled {} (opset {}) → {}", args.model.display(), c.opset, output.display());
     println!(

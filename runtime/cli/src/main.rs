@@ -1,4 +1,6 @@
-//! `fhe-run`: runs the fhe-lora server.
+//! `fhe-run`: runs the fhe-lora server and client.
+
+mod train;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -16,7 +18,7 @@ use fhe_server::{serve, ServerConfig};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
-#[command(name = "fhe-run", version, about = "Run the fhe-lora server (and, in later versions, the client).")]
+#[command(name = "fhe-run", version, about = "Run the fhe-lora server, or fine-tune as its client.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,6 +28,15 @@ struct Cli {
 enum Command {
     /// Serve the frozen linear layers of an artifact over HTTP(S), on encrypted inputs.
     Server(ServerArgs),
+    /// The client side: fine-tuning.
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientCommand {
+    /// Fine-tune the LoRA adapters on private data; frozen layers run encrypted on a server.
+    Train(train::TrainArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -112,12 +123,16 @@ fn run_server(args: ServerArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs each request; a client shows its own progress and only warnings.
+    let default_filter = if matches!(cli.command, Command::Server(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
+    let result = match cli.command {
         Command::Server(args) => run_server(args),
+        Command::Client(ClientCommand::Train(args)) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -316,6 +316,8 @@ pub struct ClientPartData<'a> {
     pub lora_init: Vec<(String, &'a Tensor)>,
     /// Per server layer, the per-output-channel scales of its int8 weight.
     pub weight_scales: Vec<(LayerId, Vec<f32>)>,
+    /// The tokenizer (`tokenizer.json` bytes), when one was found for the model.
+    pub tokenizer: Option<Vec<u8>>,
 }
 
 /// One server layer's weights.
@@ -362,6 +364,9 @@ pub fn write_artifact(
         .collect::<Result<_, fhe_ir::IrError>>()?;
     let scale_refs: Vec<(String, &Tensor)> = scales.iter().map(|(k, t)| (k.clone(), t)).collect();
     files.push(write_file(&client_dir, "weight_scales.safetensors", &encode_tensors(&scale_refs)?)?);
+    if let Some(tokenizer) = &client.tokenizer {
+        files.push(write_file(&client_dir, "tokenizer.json", tokenizer)?);
+    }
     let client_part = part_manifest(PartKind::Client, &source.sha256, layers, Some(client.lora.clone()), files);
     let client_entry = write_file(&client_dir, PART, &serde_json::to_vec_pretty(&client_part).expect("plain data"))?;
 
@@ -439,6 +444,8 @@ pub struct ClientArtifact {
     pub train: Graph,
     pub lora_init: HashMap<String, Tensor>,
     pub weight_scales: HashMap<LayerId, Vec<f32>>,
+    /// Path of the checked tokenizer file, if the artifact has one.
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl ClientArtifact {
@@ -462,7 +469,14 @@ impl ClientArtifact {
             .filter_map(|l| scales.get(&scale_key(l.id)).map(|t| Ok((l.id, t.to_f32_vec()?))))
             .collect::<Result<_, fhe_ir::IrError>>()?;
         let lora = manifest.lora.clone().ok_or_else(|| artifact_error(&dir, "the client part has no LoRA description"))?;
-        Ok(ClientArtifact { dir, manifest, lora, forward, train, lora_init, weight_scales })
+        let tokenizer = match manifest.files.get("tokenizer") {
+            Some(entry) => {
+                read_checked(&dir, entry)?;
+                Some(dir.join(&entry.file))
+            }
+            None => None,
+        };
+        Ok(ClientArtifact { dir, manifest, lora, forward, train, lora_init, weight_scales, tokenizer })
     }
 }
 

@@ -52,6 +52,7 @@ fn write_small_artifact(dir: &Path) {
         lora,
         lora_init: vec![("a".into(), &a)],
         weight_scales: vec![(LayerId(0), vec![0.5 / 127.0; 3])],
+        tokenizer: None,
     };
     let server = [ServerLayerData { id: LayerId(0), weight: &weight, qweight: &[127; 12], scales: &[0.5 / 127.0; 3] }];
     let source = SourceInfo { file: "small.onnx".into(), sha256: "00".into(), opset: 17, producer: "test".into() };

@@ -36,7 +36,7 @@ fn losses(client: &ClientArtifact, backend: &dyn LinearBackend, out: Option<&Pat
 fn encrypted_training_follows_the_simulation_and_keeps_the_clear_progress() {
     let dir = tempfile::tempdir().unwrap();
     let lora = LoraConfig { rank: 8, alpha: 32.0, targets: LoraTargets::Modules(vec!["c_attn".into()]), seed: 0 };
-    compile(&CompileOptions { model: repo_path("models/gpt2-tiny/model.onnx"), output: dir.path().to_path_buf(), lora }, &registry()).unwrap();
+    compile(&CompileOptions { model: repo_path("models/gpt2-tiny/model.onnx"), output: dir.path().to_path_buf(), lora, tokenizer: None }, &registry()).unwrap();
     let client = ClientArtifact::load(dir.path(), &registry()).unwrap();
     let server = ServerArtifact::load(dir.path()).unwrap();
 

@@ -1,0 +1,182 @@
+//! `fhe-run client train`: fine-tunes the LoRA adapters with the frozen layers computed by a
+//! server on ciphertexts (or, to compare, in the 8-bit simulation or in clear f32).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fhe_backend_clear::{F32Backend, Int8Backend};
+use fhe_backend_rlwe::{ClientKey, FheBackend, Setting, Traffic, PARAMETER_SET_ID};
+use fhe_client::{ClientConfig, HttpClient};
+use fhe_exec::artifact::{ClientArtifact, ServerArtifact};
+use fhe_exec::LinearBackend;
+use fhe_ir::Registry;
+use fhe_server::{serve, ServerConfig};
+use fhe_train::data::{load_examples, Encoder};
+use fhe_train::trainer::{TrainConfig, Trainer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fhe {
+    /// Real encryption: the server computes on ciphertexts.
+    Execute,
+    /// The same integers in clear, no server (reads the artifact's server part).
+    Simulate,
+    /// Plain f32, no quantization, no server (reads the artifact's server part).
+    Clear,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The artifact directory written by fhe-compile (its client part; the server part too for
+    /// the embedded server and for --fhe simulate|clear).
+    #[arg(long)]
+    artifact: PathBuf,
+    /// Training data: question/answer lines (.txt) or JSONL (.jsonl).
+    #[arg(long)]
+    data: PathBuf,
+    /// Server URL; without it, a server from the artifact's server part runs on loopback.
+    #[arg(long)]
+    server: Option<String>,
+    /// Bearer token for --server.
+    #[arg(long)]
+    token: Option<String>,
+    #[arg(long, value_enum, default_value = "execute")]
+    fhe: Fhe,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence (at most the model's context).
+    #[arg(long, default_value_t = 32)]
+    block_size: usize,
+    #[arg(long, default_value_t = 1e-2)]
+    lr: f32,
+    /// Warm-up steps of the learning rate.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory: adapter (PEFT layout), metrics.csv, client key.
+    #[arg(long, default_value = "fhe-lora-out")]
+    out: PathBuf,
+    /// Client secret key file [default: OUT/client.key]; created if missing, never sent.
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+fn registry() -> Registry {
+    let mut registry = Registry::new();
+    fhe_ops_std::register_all(&mut registry);
+    fhe_ops_linear::register_all(&mut registry);
+    registry
+}
+
+/// A real `fhe-server` on a loopback port, in this process, for as long as the run lasts.
+fn embedded_server(artifact: PathBuf) -> Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let config = ServerConfig {
+        artifact,
+        listen: "127.0.0.1:0".parse().expect("address"),
+        max_body: 64 << 20,
+        max_concurrent: 2,
+        token: None,
+        tls: None,
+        request_timeout: Duration::from_secs(600),
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        let ready = tx.clone();
+        let result = runtime.block_on(serve(config, move |addr, _| drop(ready.send(Ok(addr))), std::future::pending()));
+        if let Err(e) = result {
+            let _ = tx.send(Err(e.to_string()));
+        }
+    });
+    rx.recv().context("the embedded server thread stopped")?.map_err(|e| anyhow::anyhow!("embedded server: {e}"))
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    if args.steps == 0 || args.batch == 0 || args.grad_accum == 0 {
+        bail!("--steps, --batch and --grad-accum must be at least 1");
+    }
+    let client = ClientArtifact::load(&args.artifact, &registry()).context("loading the client part")?;
+    let tokenizer = client.tokenizer.clone().context("the artifact has no tokenizer; re-run fhe-compile with tokenizer.json beside the model or --tokenizer FILE")?;
+    let encoder = Encoder::load(&tokenizer)?;
+    let examples = load_examples(&args.data)?;
+    let blocks = encoder.blocks(&examples, args.block_size, context_length(&client))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
+
+    let mut traffic: Option<Arc<Traffic>> = None;
+    let backend: Box<dyn LinearBackend> = match args.fhe {
+        Fhe::Clear => Box::new(F32Backend::new(&ServerArtifact::load(&args.artifact)?)),
+        Fhe::Simulate => Box::new(Int8Backend::new(&ServerArtifact::load(&args.artifact)?)),
+        Fhe::Execute => {
+            let url = match &args.server {
+                Some(url) => url.clone(),
+                None => format!("http://{}", embedded_server(args.artifact.clone())?),
+            };
+            let http = HttpClient::new(ClientConfig { token: args.token.clone(), ..ClientConfig::new(&url) })?;
+            let info = http.info().with_context(|| format!("asking {url} what it serves"))?;
+            if info.parameter_set_id != PARAMETER_SET_ID || info.model_sha256 != client.manifest.model_sha256 {
+                bail!(
+                    "the server at {url} serves model {} with parameter set {}, but this artifact is model {} with parameter set {PARAMETER_SET_ID}; compile both from the same model",
+                    info.model_sha256, info.parameter_set_id, client.manifest.model_sha256
+                );
+            }
+            let key_path = args.key.clone().unwrap_or_else(|| args.out.join("client.key"));
+            let key = Arc::new(ClientKey::load_or_generate(&key_path)?);
+            let fhe = FheBackend::new(key, Setting::Compact, &client, Arc::new(http));
+            traffic = Some(fhe.traffic.clone());
+            Box::new(fhe)
+        }
+    };
+
+    let config = TrainConfig {
+        steps: args.steps,
+        batch: args.batch,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        warmup: args.warmup,
+        weight_decay: args.weight_decay,
+        seed: args.seed,
+    };
+    let mut trainer = Trainer::new(&client, config, blocks.len());
+    let metrics_path = args.out.join("metrics.csv");
+    let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
+    writeln!(metrics, "step,loss,lr,tokens,seconds,bytes_up,bytes_down")?;
+    println!("training {} examples ({} blocks of {} tokens), --fhe {:?}, {} steps", examples.len(), blocks.len(), args.block_size, args.fhe, args.steps);
+    for _ in 0..args.steps {
+        let started = Instant::now();
+        let log = trainer.train_step(&blocks, backend.as_ref()).context("training step")?;
+        let (up, down) = traffic.as_ref().map_or((0, 0), |t| (t.up.load(std::sync::atomic::Ordering::Relaxed), t.down.load(std::sync::atomic::Ordering::Relaxed)));
+        let seconds = started.elapsed().as_secs_f64();
+        writeln!(metrics, "{},{},{},{},{seconds:.3},{up},{down}", log.step, log.loss, log.lr, log.tokens)?;
+        metrics.flush()?;
+        println!("step {:>4}  loss {:.4}  lr {:.2e}  {:.0} tokens/s  {:.1} MB sent", log.step, log.loss, log.lr, log.tokens as f64 / seconds, up as f64 / 1e6);
+    }
+    let adapter = args.out.join("adapter");
+    trainer.save_adapter(&adapter)?;
+    println!("adapter saved to {} (PEFT layout), metrics in {}", adapter.display(), metrics_path.display());
+    Ok(())
+}
+
+/// The model's context length: rows of the position-embedding table in the client graph.
+fn context_length(client: &ClientArtifact) -> usize {
+    let graph = &client.forward;
+    graph
+        .node_ids()
+        .find_map(|id| match &graph.node(id).body {
+            fhe_ir::NodeBody::Const(t) if graph.node(id).name.ends_with("wpe.weight") => t.shape().first().copied(),
+            _ => None,
+        })
+        .unwrap_or(usize::MAX)
+}

@@ -1,0 +1,65 @@
+//! `fhe-run client train` as a user runs it: against a real `fhe-run server` process, with
+//! real encryption; and every kind of bad data explained, without a panic.
+
+use std::process::Command;
+
+use fhe_tests::repo_path;
+
+mod common;
+use common::{artifact, Server};
+
+fn train(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fhe-run")).args(["client", "train"]).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn encrypted_training_against_a_server_process_lowers_the_loss() {
+    let dir = artifact();
+    let server = Server::start(dir.path(), &[]);
+    let out = dir.path().join("run");
+    let data = repo_path("data_finetune/private_ml_qa.txt");
+    let (code, stdout, stderr) = train(&[
+        "--artifact", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap(), "--server", &server.url,
+        "--steps", "10", "--batch", "4", "--block-size", "32", "--out", out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    let losses: Vec<f32> = metrics.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
+    assert_eq!(losses.len(), 10);
+    assert!(losses[9] < losses[0] - 0.02, "loss did not fall: {losses:?}");
+    let sent: u64 = metrics.lines().last().unwrap().split(',').nth(5).unwrap().parse().unwrap();
+    assert!(sent > 0, "{metrics}");
+    for file in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "client.key"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+}
+
+#[test]
+fn bad_data_is_explained() {
+    let dir = artifact();
+    let data_dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = data_dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let artifact_dir = dir.path().to_str().unwrap().to_string();
+    let good = repo_path("data_finetune/private_ml_qa.txt").to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--data".into(), "/nonexistent/data.txt".into()], "cannot read `/nonexistent/data.txt`"),
+        (vec!["--data".into(), write("empty.txt", b"")], "is empty"),
+        (vec!["--data".into(), write("blob.txt", &[0xff, 0xfe, 0, 1, 2])], "not UTF-8 text"),
+        (vec!["--data".into(), write("bad.jsonl", b"{\"text\": \"fine\"}\n{broken\n")], "line 2"),
+        (vec!["--data".into(), good.clone(), "--block-size".into(), "4096".into()], "larger than the model's context of 128"),
+        (vec!["--data".into(), good.clone(), "--steps".into(), "0".into()], "must be at least 1"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["--artifact".to_string(), artifact_dir.clone(), "--fhe".into(), "clear".into(), "--out".into(), data_dir.path().join("o").to_str().unwrap().into()];
+        args.extend(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, stderr) = train(&refs);
+        assert_eq!(code, Some(1), "{expected}: {stderr}");
+        assert!(stderr.contains(expected) && !stderr.contains("panicked"), "`{expected}` not in: {stderr}");
+    }
+}
