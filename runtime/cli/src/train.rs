@@ -72,6 +72,16 @@ pub struct TrainArgs {
     /// Client secret key file [default: OUT/client.key]; created if missing, never sent.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Wire setting of --fhe execute: `compact` (8 bytes per output value) or `exact`
+    /// (results equal the integer products; resumed runs then match uninterrupted ones).
+    #[arg(long, default_value = "compact", value_parser = ["compact", "exact"])]
+    setting: String,
+    /// Write a checkpoint (adapter, optimizer, data position) every this many steps.
+    #[arg(long, default_value_t = 5)]
+    checkpoint_every: usize,
+    /// Continue from OUT/checkpoint instead of starting over.
+    #[arg(long)]
+    resume: bool,
 }
 
 fn registry() -> Registry {
@@ -134,7 +144,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
             let key_path = args.key.clone().unwrap_or_else(|| args.out.join("client.key"));
             let key = Arc::new(ClientKey::load_or_generate(&key_path)?);
-            let fhe = FheBackend::new(key, Setting::Compact, &client, Arc::new(http));
+            let setting = Setting::parse(&args.setting).expect("clap checked the value");
+            let fhe = FheBackend::new(key, setting, &client, Arc::new(http));
             traffic = Some(fhe.traffic.clone());
             Box::new(fhe)
         }
@@ -150,11 +161,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         seed: args.seed,
     };
     let mut trainer = Trainer::new(&client, config, blocks.len());
+    let checkpoint = args.out.join("checkpoint");
     let metrics_path = args.out.join("metrics.csv");
+    let mut rows = vec!["step,loss,lr,tokens,seconds,bytes_up,bytes_down".to_string()];
+    if args.resume {
+        trainer.resume(&checkpoint).context("resuming (remove --resume to start over)")?;
+        // Keep the rows up to the checkpoint; the steps after it run again.
+        let previous = std::fs::read_to_string(&metrics_path).unwrap_or_default();
+        rows.extend(previous.lines().skip(1).filter(|l| l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= trainer.step())).map(String::from));
+        println!("resuming after step {}", trainer.step());
+    }
     let mut metrics = std::fs::File::create(&metrics_path).with_context(|| format!("creating {}", metrics_path.display()))?;
-    writeln!(metrics, "step,loss,lr,tokens,seconds,bytes_up,bytes_down")?;
+    for row in &rows {
+        writeln!(metrics, "{row}")?;
+    }
     println!("training {} examples ({} blocks of {} tokens), --fhe {:?}, {} steps", examples.len(), blocks.len(), args.block_size, args.fhe, args.steps);
-    for _ in 0..args.steps {
+    while trainer.step() < args.steps {
         let started = Instant::now();
         let log = trainer.train_step(&blocks, backend.as_ref()).context("training step")?;
         let (up, down) = traffic.as_ref().map_or((0, 0), |t| (t.up.load(std::sync::atomic::Ordering::Relaxed), t.down.load(std::sync::atomic::Ordering::Relaxed)));
@@ -162,6 +184,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         writeln!(metrics, "{},{},{},{},{seconds:.3},{up},{down}", log.step, log.loss, log.lr, log.tokens)?;
         metrics.flush()?;
         println!("step {:>4}  loss {:.4}  lr {:.2e}  {:.0} tokens/s  {:.1} MB sent", log.step, log.loss, log.lr, log.tokens as f64 / seconds, up as f64 / 1e6);
+        if args.checkpoint_every > 0 && (log.step % args.checkpoint_every == 0 || log.step == args.steps) {
+            trainer.save_checkpoint(&checkpoint).context("writing a checkpoint")?;
+        }
     }
     let adapter = args.out.join("adapter");
     trainer.save_adapter(&adapter)?;

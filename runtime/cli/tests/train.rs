@@ -63,3 +63,40 @@ fn bad_data_is_explained() {
         assert!(stderr.contains(expected) && !stderr.contains("panicked"), "`{expected}` not in: {stderr}");
     }
 }
+
+#[test]
+fn a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter() {
+    let dir = artifact();
+    let data = repo_path("data_finetune/private_ml_qa.txt");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fhe-run"));
+        cmd.args(["client", "train", "--artifact", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap()])
+            .args(["--steps", "8", "--checkpoint-every", "2", "--setting", "exact", "--seed", "3", "--out", out.to_str().unwrap()])
+            .args(extra);
+        cmd
+    };
+    let whole = dir.path().join("whole");
+    assert!(run(&whole, &[]).output().unwrap().status.success());
+
+    let killed = dir.path().join("killed");
+    let mut child = run(&killed, &[]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    // Wait for the checkpoint after step 4, then kill without warning.
+    let metrics = killed.join("metrics.csv");
+    for _ in 0..600 {
+        let rows = std::fs::read_to_string(&metrics).map(|m| m.lines().count()).unwrap_or(0);
+        if rows > 5 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("adapter").exists(), "the run finished before it was killed");
+    let resumed = run(&killed, &["--resume"]).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("resuming after step"));
+    let adapter = |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&killed), adapter(&whole), "resumed adapter differs from the uninterrupted one");
+    let rows = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert_eq!(rows, 9, "one metrics row per step");
+}

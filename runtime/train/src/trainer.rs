@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use fhe_exec::artifact::{ClientArtifact, LoraManifest};
-use fhe_exec::tensor_io::write_safetensors;
+use fhe_exec::tensor_io::{read_safetensors, write_safetensors};
+use serde::{Deserialize, Serialize};
 use fhe_exec::{ExecError, LinearBackend, Model};
 use fhe_ir::Tensor;
 use rand::seq::SliceRandom;
@@ -43,6 +44,17 @@ pub struct StepLog {
     pub loss: f32,
     pub lr: f32,
     pub tokens: usize,
+}
+
+/// Where a run stands, beside the tensors of a checkpoint.
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    epoch: u64,
+    cursor: usize,
+    order: Vec<usize>,
+    seed: u64,
+    batch: usize,
 }
 
 pub struct Trainer {
@@ -154,6 +166,61 @@ impl Trainer {
             *param = Tensor::from_f32(param.shape(), values)?;
         }
         Ok(StepLog { step: self.step, loss, lr, tokens })
+    }
+
+    /// Saves everything needed to continue: adapter, AdamW moments, step, data order and
+    /// position. Written beside and swapped in by renames, so a crash leaves either the old
+    /// or the new checkpoint, never half of one.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<(), ExecError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |error| ExecError::Io { path, error }
+        };
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let mut tensors: Vec<(String, Tensor)> = self.adapter.clone();
+        for ((key, t), m) in self.adapter.iter().zip(&self.moments) {
+            tensors.push((format!("adam_m:{key}"), Tensor::from_f32(t.shape(), m.m.clone())?));
+            tensors.push((format!("adam_v:{key}"), Tensor::from_f32(t.shape(), m.v.clone())?));
+        }
+        let named: Vec<(String, &Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
+        write_safetensors(&tmp.join("state.safetensors"), &named)?;
+        let state = CheckpointState { step: self.step, epoch: self.epoch, cursor: self.cursor, order: self.order.clone(), seed: self.config.seed, batch: self.config.batch };
+        let path = tmp.join("state.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&state).expect("plain data")).map_err(io(&path))?;
+        let old = dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(io(dir))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Continues from a checkpoint written by [`Trainer::save_checkpoint`] for the same data
+    /// and settings.
+    pub fn resume(&mut self, dir: &Path) -> Result<(), ExecError> {
+        let bad = |what: String| ExecError::Artifact { dir: dir.display().to_string(), what };
+        let path = dir.join("state.json");
+        let bytes = std::fs::read(&path).map_err(|e| bad(format!("cannot read state.json ({e}); nothing to resume")))?;
+        let state: CheckpointState = serde_json::from_slice(&bytes).map_err(|e| bad(format!("state.json is malformed ({e})")))?;
+        if state.seed != self.config.seed || state.batch != self.config.batch || state.order.len() != self.order.len() {
+            return Err(bad(format!(
+                "the checkpoint was made with --seed {}, --batch {} and {} blocks; this run has {}, {} and {}: resume with the same data and options",
+                state.seed, state.batch, state.order.len(), self.config.seed, self.config.batch, self.order.len()
+            )));
+        }
+        let tensors: HashMap<String, Tensor> = read_safetensors(&dir.join("state.safetensors"))?.into_iter().collect();
+        for ((key, param), moments) in self.adapter.iter_mut().zip(&mut self.moments) {
+            let get = |name: String| tensors.get(&name).cloned().ok_or_else(|| bad(format!("`{name}` is missing")));
+            *param = get(key.clone())?;
+            moments.m = get(format!("adam_m:{key}"))?.to_f32_vec()?;
+            moments.v = get(format!("adam_v:{key}"))?.to_f32_vec()?;
+        }
+        (self.step, self.epoch, self.cursor, self.order) = (state.step, state.epoch, state.cursor, state.order);
+        Ok(())
     }
 
     /// Writes the adapter in PEFT's layout: `adapter_model.safetensors` (PEFT key names) and
