@@ -1,5 +1,6 @@
 //! `fhe-run`: runs the fhe-lora server and client.
 
+mod generate;
 mod train;
 
 use std::io::Write;
@@ -37,6 +38,8 @@ enum Command {
 enum ClientCommand {
     /// Fine-tune the LoRA adapters on private data; frozen layers run encrypted on a server.
     Train(train::TrainArgs),
+    /// Generate text, with the frozen layers encrypted on the server, with or without an adapter.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Server(args) => run_server(args),
         Command::Client(ClientCommand::Train(args)) => train::run(args),
+        Command::Client(ClientCommand::Generate(args)) => generate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,15 +28,13 @@ pub enum Fhe {
     Clear,
 }
 
+/// Where the frozen layers run: shared by `train` and `generate`.
 #[derive(clap::Args, Debug)]
-pub struct TrainArgs {
+pub struct BackendArgs {
     /// The artifact directory written by fhe-compile (its client part; the server part too for
     /// the embedded server and for --fhe simulate|clear).
     #[arg(long)]
-    artifact: PathBuf,
-    /// Training data: question/answer lines (.txt) or JSONL (.jsonl).
-    #[arg(long)]
-    data: PathBuf,
+    pub artifact: PathBuf,
     /// Server URL; without it, a server from the artifact's server part runs on loopback.
     #[arg(long)]
     server: Option<String>,
@@ -45,6 +43,46 @@ pub struct TrainArgs {
     token: Option<String>,
     #[arg(long, value_enum, default_value = "execute")]
     fhe: Fhe,
+    /// Wire setting of --fhe execute: `compact` (8 bytes per output value) or `exact`
+    /// (results equal the integer products; resumed runs then match uninterrupted ones).
+    #[arg(long, default_value = "compact", value_parser = ["compact", "exact"])]
+    setting: String,
+}
+
+/// The linear backend the options ask for, and its traffic counters when it talks to a server.
+pub fn make_backend(args: &BackendArgs, client: &ClientArtifact, key_path: &std::path::Path) -> Result<(Box<dyn LinearBackend>, Option<Arc<Traffic>>)> {
+    Ok(match args.fhe {
+        Fhe::Clear => (Box::new(F32Backend::new(&ServerArtifact::load(&args.artifact)?)), None),
+        Fhe::Simulate => (Box::new(Int8Backend::new(&ServerArtifact::load(&args.artifact)?)), None),
+        Fhe::Execute => {
+            let url = match &args.server {
+                Some(url) => url.clone(),
+                None => format!("http://{}", embedded_server(args.artifact.clone())?),
+            };
+            let http = HttpClient::new(ClientConfig { token: args.token.clone(), ..ClientConfig::new(&url) })?;
+            let info = http.info().with_context(|| format!("asking {url} what it serves"))?;
+            if info.parameter_set_id != PARAMETER_SET_ID || info.model_sha256 != client.manifest.model_sha256 {
+                bail!(
+                    "the server at {url} serves model {} with parameter set {}, but this artifact is model {} with parameter set {PARAMETER_SET_ID}; compile both from the same model",
+                    info.model_sha256, info.parameter_set_id, client.manifest.model_sha256
+                );
+            }
+            let key = Arc::new(ClientKey::load_or_generate(key_path)?);
+            let setting = Setting::parse(&args.setting).expect("clap checked the value");
+            let fhe = FheBackend::new(key, setting, client, Arc::new(http));
+            let traffic = fhe.traffic.clone();
+            (Box::new(fhe), Some(traffic))
+        }
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Training data: question/answer lines (.txt) or JSONL (.jsonl).
+    #[arg(long)]
+    data: PathBuf,
     /// Optimizer steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -72,10 +110,6 @@ pub struct TrainArgs {
     /// Client secret key file [default: OUT/client.key]; created if missing, never sent.
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Wire setting of --fhe execute: `compact` (8 bytes per output value) or `exact`
-    /// (results equal the integer products; resumed runs then match uninterrupted ones).
-    #[arg(long, default_value = "compact", value_parser = ["compact", "exact"])]
-    setting: String,
     /// Write a checkpoint (adapter, optimizer, data position) every this many steps.
     #[arg(long, default_value_t = 5)]
     checkpoint_every: usize,
@@ -84,7 +118,7 @@ pub struct TrainArgs {
     resume: bool,
 }
 
-fn registry() -> Registry {
+pub fn registry() -> Registry {
     let mut registry = Registry::new();
     fhe_ops_std::register_all(&mut registry);
     fhe_ops_linear::register_all(&mut registry);
@@ -118,38 +152,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.steps == 0 || args.batch == 0 || args.grad_accum == 0 {
         bail!("--steps, --batch and --grad-accum must be at least 1");
     }
-    let client = ClientArtifact::load(&args.artifact, &registry()).context("loading the client part")?;
+    let client = ClientArtifact::load(&args.backend.artifact, &registry()).context("loading the client part")?;
     let tokenizer = client.tokenizer.clone().context("the artifact has no tokenizer; re-run fhe-compile with tokenizer.json beside the model or --tokenizer FILE")?;
     let encoder = Encoder::load(&tokenizer)?;
     let examples = load_examples(&args.data)?;
     let blocks = encoder.blocks(&examples, args.block_size, context_length(&client))?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
 
-    let mut traffic: Option<Arc<Traffic>> = None;
-    let backend: Box<dyn LinearBackend> = match args.fhe {
-        Fhe::Clear => Box::new(F32Backend::new(&ServerArtifact::load(&args.artifact)?)),
-        Fhe::Simulate => Box::new(Int8Backend::new(&ServerArtifact::load(&args.artifact)?)),
-        Fhe::Execute => {
-            let url = match &args.server {
-                Some(url) => url.clone(),
-                None => format!("http://{}", embedded_server(args.artifact.clone())?),
-            };
-            let http = HttpClient::new(ClientConfig { token: args.token.clone(), ..ClientConfig::new(&url) })?;
-            let info = http.info().with_context(|| format!("asking {url} what it serves"))?;
-            if info.parameter_set_id != PARAMETER_SET_ID || info.model_sha256 != client.manifest.model_sha256 {
-                bail!(
-                    "the server at {url} serves model {} with parameter set {}, but this artifact is model {} with parameter set {PARAMETER_SET_ID}; compile both from the same model",
-                    info.model_sha256, info.parameter_set_id, client.manifest.model_sha256
-                );
-            }
-            let key_path = args.key.clone().unwrap_or_else(|| args.out.join("client.key"));
-            let key = Arc::new(ClientKey::load_or_generate(&key_path)?);
-            let setting = Setting::parse(&args.setting).expect("clap checked the value");
-            let fhe = FheBackend::new(key, setting, &client, Arc::new(http));
-            traffic = Some(fhe.traffic.clone());
-            Box::new(fhe)
-        }
-    };
+    let key_path = args.key.clone().unwrap_or_else(|| args.out.join("client.key"));
+    let (backend, traffic) = make_backend(&args.backend, &client, &key_path)?;
 
     let config = TrainConfig {
         steps: args.steps,
@@ -175,7 +186,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     for row in &rows {
         writeln!(metrics, "{row}")?;
     }
-    println!("training {} examples ({} blocks of {} tokens), --fhe {:?}, {} steps", examples.len(), blocks.len(), args.block_size, args.fhe, args.steps);
+    println!("training {} examples ({} blocks of {} tokens), --fhe {:?}, {} steps", examples.len(), blocks.len(), args.block_size, args.backend.fhe, args.steps);
     while trainer.step() < args.steps {
         let started = Instant::now();
         let log = trainer.train_step(&blocks, backend.as_ref()).context("training step")?;
@@ -195,7 +206,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 /// The model's context length: rows of the position-embedding table in the client graph.
-fn context_length(client: &ClientArtifact) -> usize {
+pub fn context_length(client: &ClientArtifact) -> usize {
     let graph = &client.forward;
     graph
         .node_ids()

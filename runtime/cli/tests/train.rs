@@ -100,3 +100,23 @@ fn a_killed_run_resumes_and_ends_with_the_uninterrupted_adapter() {
     let rows = std::fs::read_to_string(&metrics).unwrap().lines().count();
     assert_eq!(rows, 9, "one metrics row per step");
 }
+
+#[test]
+fn generation_runs_encrypted_and_matches_the_simulation() {
+    let dir = artifact();
+    let generate = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fhe-run"))
+            .args(["client", "generate", "--artifact", dir.path().to_str().unwrap(), "--prompt", "What is a ciphertext?", "--max-new-tokens", "6"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, encrypted, stderr) = generate(&["--setting", "exact", "--key", dir.path().join("k").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, simulated, _) = generate(&["--fhe", "simulate"]);
+    assert!(encrypted.starts_with("What is a ciphertext?") && encrypted.len() > "What is a ciphertext?\n".len(), "{encrypted}");
+    assert_eq!(encrypted, simulated);
+    let (code, _, stderr) = generate(&["--fhe", "clear", "--adapter", "/nonexistent"]);
+    assert!(code == Some(1) && stderr.contains("reading the adapter"), "{stderr}");
+}
