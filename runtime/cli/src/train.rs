@@ -84,8 +84,11 @@ pub struct TrainArgs {
     #[arg(long)]
     data: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, conflicts_with = "epochs")]
     steps: usize,
+    /// Passes over the data, instead of --steps.
+    #[arg(long)]
+    epochs: Option<usize>,
     /// Sequences per micro-batch.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -148,8 +151,8 @@ fn embedded_server(artifact: PathBuf) -> Result<SocketAddr> {
     rx.recv().context("the embedded server thread stopped")?.map_err(|e| anyhow::anyhow!("embedded server: {e}"))
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
-    if args.steps == 0 || args.batch == 0 || args.grad_accum == 0 {
+pub fn run(mut args: TrainArgs) -> Result<()> {
+    if args.steps == 0 || args.batch == 0 || args.grad_accum == 0 || args.epochs == Some(0) {
         bail!("--steps, --batch and --grad-accum must be at least 1");
     }
     let client = ClientArtifact::load(&args.backend.artifact, &registry()).context("loading the client part")?;
@@ -157,6 +160,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let encoder = Encoder::load(&tokenizer)?;
     let examples = load_examples(&args.data)?;
     let blocks = encoder.blocks(&examples, args.block_size, context_length(&client))?;
+    if let Some(epochs) = args.epochs {
+        args.steps = (epochs * blocks.len()).div_ceil(args.batch * args.grad_accum);
+    }
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating --out {}", args.out.display()))?;
 
     let key_path = args.key.clone().unwrap_or_else(|| args.out.join("client.key"));
@@ -187,6 +193,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         writeln!(metrics, "{row}")?;
     }
     println!("training {} examples ({} blocks of {} tokens), --fhe {:?}, {} steps", examples.len(), blocks.len(), args.block_size, args.backend.fhe, args.steps);
+    // Drawn only on a terminal; the per-step lines are printed above it either way.
+    let bar = indicatif::ProgressBar::new(args.steps as u64).with_position(trainer.step() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").expect("valid template"),
+    );
     while trainer.step() < args.steps {
         let started = Instant::now();
         let log = trainer.train_step(&blocks, backend.as_ref()).context("training step")?;
@@ -194,14 +205,51 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let seconds = started.elapsed().as_secs_f64();
         writeln!(metrics, "{},{},{},{},{seconds:.3},{up},{down}", log.step, log.loss, log.lr, log.tokens)?;
         metrics.flush()?;
-        println!("step {:>4}  loss {:.4}  lr {:.2e}  {:.0} tokens/s  {:.1} MB sent", log.step, log.loss, log.lr, log.tokens as f64 / seconds, up as f64 / 1e6);
+        let line = format!("step {:>4}  loss {:.4}  lr {:.2e}  {:.0} tokens/s  {:.1} MB sent", log.step, log.loss, log.lr, log.tokens as f64 / seconds, up as f64 / 1e6);
+        if bar.is_hidden() {
+            println!("{line}");
+        } else {
+            bar.println(&line);
+        }
+        bar.set_message(format!("loss {:.4}  {:.0} tokens/s  {:.1} MB sent", log.loss, log.tokens as f64 / seconds, up as f64 / 1e6));
+        bar.inc(1);
         if args.checkpoint_every > 0 && (log.step % args.checkpoint_every == 0 || log.step == args.steps) {
             trainer.save_checkpoint(&checkpoint).context("writing a checkpoint")?;
         }
     }
+    bar.finish_and_clear();
     let adapter = args.out.join("adapter");
     trainer.save_adapter(&adapter)?;
-    println!("adapter saved to {} (PEFT layout), metrics in {}", adapter.display(), metrics_path.display());
+    let plot = args.out.join("loss.svg");
+    plot_losses(&metrics_path, &plot).context("drawing loss.svg")?;
+    println!("adapter saved to {} (PEFT layout), metrics in {}, plot in {}", adapter.display(), metrics_path.display(), plot.display());
+    Ok(())
+}
+
+/// Loss per step from `metrics.csv`, drawn as an SVG line chart.
+fn plot_losses(metrics: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    use plotters::prelude::*;
+    let points: Vec<(f64, f64)> = std::fs::read_to_string(metrics)?
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect();
+    let (lo, hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let pad = ((hi - lo) * 0.1).max(1e-3);
+    let root = SVGBackend::new(out, (720, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("training loss", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..points.len().max(1) as f64 + 1.0, lo - pad..hi + pad)?;
+    chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+    chart.draw_series(LineSeries::new(points, &BLUE))?;
+    root.present()?;
     Ok(())
 }
 

@@ -30,7 +30,7 @@ fn encrypted_training_against_a_server_process_lowers_the_loss() {
     assert!(losses[9] < losses[0] - 0.02, "loss did not fall: {losses:?}");
     let sent: u64 = metrics.lines().last().unwrap().split(',').nth(5).unwrap().parse().unwrap();
     assert!(sent > 0, "{metrics}");
-    for file in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "client.key"] {
+    for file in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "client.key", "loss.svg"] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
 }
@@ -53,6 +53,7 @@ fn bad_data_is_explained() {
         (vec!["--data".into(), write("bad.jsonl", b"{\"text\": \"fine\"}\n{broken\n")], "line 2"),
         (vec!["--data".into(), good.clone(), "--block-size".into(), "4096".into()], "larger than the model's context of 128"),
         (vec!["--data".into(), good.clone(), "--steps".into(), "0".into()], "must be at least 1"),
+        (vec!["--data".into(), good.clone(), "--epochs".into(), "0".into()], "must be at least 1"),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["--artifact".to_string(), artifact_dir.clone(), "--fhe".into(), "clear".into(), "--out".into(), data_dir.path().join("o").to_str().unwrap().into()];
@@ -119,4 +120,36 @@ fn generation_runs_encrypted_and_matches_the_simulation() {
     assert_eq!(encrypted, simulated);
     let (code, _, stderr) = generate(&["--fhe", "clear", "--adapter", "/nonexistent"]);
     assert!(code == Some(1) && stderr.contains("reading the adapter"), "{stderr}");
+}
+
+#[test]
+fn training_waits_for_a_server_that_dies_and_comes_back() {
+    let dir = artifact();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = Server::start_in(dir.path(), &listen, &[], None);
+    let out = dir.path().join("run");
+    let data = repo_path("data_finetune/private_ml_qa.txt");
+    let trainer = Command::new(env!("CARGO_BIN_EXE_fhe-run"))
+        .args(["client", "train", "--artifact", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args(["--server", &server.url, "--steps", "10", "--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.csv");
+    for _ in 0..600 {
+        if std::fs::read_to_string(&metrics).map(|m| m.lines().count()).unwrap_or(0) > 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(server); // SIGKILL: gone mid-run
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _back = Server::start_in(dir.path(), &listen, &[], None);
+    let output = trainer.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("retrying"), "no retry message: {stderr}");
+    assert_eq!(std::fs::read_to_string(&metrics).unwrap().lines().count(), 11);
 }
