@@ -13,25 +13,41 @@ fn train(args: &[&str]) -> (Option<i32>, String, String) {
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+fn losses(metrics: &std::path::Path) -> Vec<f32> {
+    let text = std::fs::read_to_string(metrics).unwrap();
+    text.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect()
+}
+
 #[test]
-fn encrypted_training_against_a_server_process_lowers_the_loss() {
+fn encrypted_training_against_a_server_process_follows_simulation_and_clear() {
     let dir = artifact();
     let server = Server::start(dir.path(), &[]);
-    let out = dir.path().join("run");
     let data = repo_path("data_finetune/private_ml_qa.txt");
-    let (code, stdout, stderr) = train(&[
-        "--artifact", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap(), "--server", &server.url,
-        "--steps", "10", "--batch", "4", "--block-size", "32", "--out", out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
-    let losses: Vec<f32> = metrics.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect();
-    assert_eq!(losses.len(), 10);
-    assert!(losses[9] < losses[0] - 0.02, "loss did not fall: {losses:?}");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["--artifact", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap()];
+        args.extend(["--steps", "10", "--batch", "4", "--block-size", "32", "--seed", "5", "--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        let (code, stdout, stderr) = train(&args);
+        assert_eq!(code, Some(0), "{name}: {stdout}\n{stderr}");
+        out
+    };
+    let encrypted_dir = run("encrypted", &["--server", &server.url]);
+    let encrypted = losses(&encrypted_dir.join("metrics.csv"));
+    let simulated = losses(&run("simulated", &["--fhe", "simulate"]).join("metrics.csv"));
+    let clear = losses(&run("clear", &["--fhe", "clear"]).join("metrics.csv"));
+    assert_eq!(encrypted.len(), 10);
+    let drop = |l: &[f32]| l[0] - l[l.len() - 1];
+    assert!(drop(&encrypted) > 0.02, "loss did not fall: {encrypted:?}");
+    for (step, (e, s)) in encrypted.iter().zip(&simulated).enumerate() {
+        assert!((e - s).abs() <= 1e-3, "step {}: encrypted {e} vs simulated {s}", step + 1);
+    }
+    assert!(drop(&encrypted) >= 0.9 * drop(&clear), "encrypted drop {} vs clear drop {}", drop(&encrypted), drop(&clear));
+    let metrics = std::fs::read_to_string(encrypted_dir.join("metrics.csv")).unwrap();
     let sent: u64 = metrics.lines().last().unwrap().split(',').nth(5).unwrap().parse().unwrap();
     assert!(sent > 0, "{metrics}");
     for file in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "client.key", "loss.svg"] {
-        assert!(out.join(file).is_file(), "{file} missing");
+        assert!(encrypted_dir.join(file).is_file(), "{file} missing");
     }
 }
 
