@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, Context, Result};
-use fhe_ir::{Registry, Tensor};
+use fhe_ir::Tensor;
 use onnx_protobuf::{
     attribute_proto::AttributeType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, ModelProto, NodeProto,
     OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
@@ -16,13 +16,8 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::{self as tract, Framework, InferenceModelExt, IntoRunnable, IntoTValue};
 
-/// The registry every test and tool uses: all plugins of the workspace.
-pub fn registry() -> Registry {
-    let mut registry = Registry::new();
-    fhe_ops_std::register_all(&mut registry);
-    fhe_ops_linear::register_all(&mut registry);
-    registry
-}
+/// The registry every test and tool uses: the compiler's, with all plugins of the workspace.
+pub use fhe_compile::registry;
 
 /// Path of a file in the repository, from a test's crate directory.
 pub fn repo_path(relative: &str) -> std::path::PathBuf {

@@ -11,7 +11,7 @@ use fhe_exec::artifact::{
 };
 use fhe_exec::tensor_io::read_safetensors;
 use fhe_exec::{LinearBackend, Model};
-use fhe_ir::{Graph, NodeBody, Registry, Tensor};
+use fhe_ir::{Registry, Tensor};
 use fhe_passes::{LoraConfig, SplitReport};
 
 /// What to compile and how.
@@ -49,17 +49,6 @@ pub fn registry() -> Registry {
 pub fn default_output(model: &Path) -> PathBuf {
     let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     model.with_file_name(format!("{stem}.fhe"))
-}
-
-/// GPT-2's context length, read from the position-embedding table, when the graph has one.
-fn context_length(graph: &Graph) -> Option<usize> {
-    graph.node_ids().find_map(|id| {
-        let node = graph.node(id);
-        match &node.body {
-            NodeBody::Const(t) if node.name.ends_with("wpe.weight") => t.shape().first().copied(),
-            _ => None,
-        }
-    })
 }
 
 fn tokenizer_bytes(options: &CompileOptions) -> Result<Option<Vec<u8>>> {
@@ -179,7 +168,7 @@ pub fn check_io(artifact: &Path, io: &Path, tolerance: f32, registry: &Registry)
         })?;
         inputs.insert(name.clone(), value.clone());
     }
-    if let (Some(context), Some(ids)) = (context_length(&client.forward), inputs.get("input_ids")) {
+    if let (Some(context), Some(ids)) = (client.context_length(), inputs.get("input_ids")) {
         let tokens = ids.shape().last().copied().unwrap_or(0);
         if tokens > context {
             bail!("input `input_ids` has sequences of {tokens} tokens, but this model's context (n_positions) is {context}; use at most {context} tokens");

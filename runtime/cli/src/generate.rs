@@ -12,7 +12,7 @@ use fhe_ir::Tensor;
 use fhe_train::data::Encoder;
 use rand::{Rng, SeedableRng};
 
-use crate::train::{context_length, make_backend, registry, BackendArgs};
+use crate::train::{make_backend, registry, BackendArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -83,7 +83,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let (backend, _) = make_backend(&args.backend, &client, &key_path)?;
     let lora = adapter(&client, args.adapter.as_ref())?;
     let model = Model::new(client.forward.clone());
-    let context = context_length(&client);
+    let context = client.context_length().unwrap_or(usize::MAX);
     let mut ids = encoder.encode(&args.prompt);
     if ids.is_empty() {
         bail!("--prompt is empty");

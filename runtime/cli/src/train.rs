@@ -159,7 +159,7 @@ pub fn run(mut args: TrainArgs) -> Result<()> {
     let tokenizer = client.tokenizer.clone().context("the artifact has no tokenizer; re-run fhe-compile with tokenizer.json beside the model or --tokenizer FILE")?;
     let encoder = Encoder::load(&tokenizer)?;
     let examples = load_examples(&args.data)?;
-    let blocks = encoder.blocks(&examples, args.block_size, context_length(&client))?;
+    let blocks = encoder.blocks(&examples, args.block_size, client.context_length().unwrap_or(usize::MAX))?;
     if let Some(epochs) = args.epochs {
         args.steps = (epochs * blocks.len()).div_ceil(args.batch * args.grad_accum);
     }
@@ -253,14 +253,3 @@ fn plot_losses(metrics: &std::path::Path, out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// The model's context length: rows of the position-embedding table in the client graph.
-pub fn context_length(client: &ClientArtifact) -> usize {
-    let graph = &client.forward;
-    graph
-        .node_ids()
-        .find_map(|id| match &graph.node(id).body {
-            fhe_ir::NodeBody::Const(t) if graph.node(id).name.ends_with("wpe.weight") => t.shape().first().copied(),
-            _ => None,
-        })
-        .unwrap_or(usize::MAX)
-}

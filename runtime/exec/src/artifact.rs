@@ -449,6 +449,16 @@ pub struct ClientArtifact {
 }
 
 impl ClientArtifact {
+    /// GPT-2's context length (n_positions): rows of the position-embedding table, when the
+    /// forward graph has one.
+    pub fn context_length(&self) -> Option<usize> {
+        let graph = &self.forward;
+        graph.node_ids().find_map(|id| match &graph.node(id).body {
+            NodeBody::Const(t) if graph.node(id).name.ends_with("wpe.weight") => t.shape().first().copied(),
+            _ => None,
+        })
+    }
+
     pub fn load(path: &Path, registry: &Registry) -> Result<ClientArtifact, ExecError> {
         let (dir, manifest) = locate_part(path, PartKind::Client)?;
         let graphs = [file(&dir, &manifest, "forward")?.clone(), file(&dir, &manifest, "train")?.clone()];
