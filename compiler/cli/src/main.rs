@@ -76,7 +76,12 @@ fn run(args: Args) -> Result<bool> {
     }
 }
 
+// Compiling GPT-2 copies hundreds of MB of weights through short-lived buffers; see fhe-alloc.
+#[global_allocator]
+static ALLOCATOR: fhe_alloc::Allocator = fhe_alloc::Allocator;
+
 fn main() -> ExitCode {
+    fhe_alloc::keep_freed_memory();
     match run(Args::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fhe_backend_clear::{dequantize, quantize_rows, scale_columns};
 use fhe_exec::artifact::ClientArtifact;
@@ -15,23 +16,33 @@ use crate::{decrypt, encrypt, ClientKey, LinearServer, Setting, POLY_SIZE};
 
 /// How requests reach a server.
 pub trait Transport: Send + Sync {
-    fn call(&self, layer: LayerId, direction: Direction, body: Vec<u8>) -> Result<Vec<u8>, String>;
+    fn call(&self, layer: LayerId, direction: Direction, body: Vec<u8>) -> Result<Reply, String>;
+}
+
+/// A server's answer to one call.
+pub struct Reply {
+    pub body: Vec<u8>,
+    /// The server's own compute time, where it reports it (HTTP `Server-Timing`).
+    pub server_time: Option<Duration>,
 }
 
 /// A server in this process; still the real encoding and encryption.
 pub struct LocalTransport(pub Arc<LinearServer>);
 
 impl Transport for LocalTransport {
-    fn call(&self, layer: LayerId, direction: Direction, body: Vec<u8>) -> Result<Vec<u8>, String> {
-        self.0.handle(layer, direction, &body).map_err(|e| e.to_string())
+    fn call(&self, layer: LayerId, direction: Direction, body: Vec<u8>) -> Result<Reply, String> {
+        let started = Instant::now();
+        let body = self.0.handle(layer, direction, &body).map_err(|e| e.to_string())?;
+        Ok(Reply { body, server_time: Some(started.elapsed()) })
     }
 }
 
-/// Bytes sent and received so far.
+/// Bytes sent and received so far, and the compute time servers reported for them.
 #[derive(Debug, Default)]
 pub struct Traffic {
     pub up: AtomicU64,
     pub down: AtomicU64,
+    pub server_nanos: AtomicU64,
 }
 
 struct Layer {
@@ -109,9 +120,12 @@ impl LinearBackend for FheBackend {
         let requests = std::mem::take(&mut pending.messages);
         for request in requests {
             self.traffic.up.fetch_add(request.len() as u64, Ordering::Relaxed);
-            let response = self.transport.call(call.layer, call.direction, request).map_err(|e| ExecError::Backend(format!("server: {e}")))?;
-            self.traffic.down.fetch_add(response.len() as u64, Ordering::Relaxed);
-            pending.messages.push(response);
+            let reply = self.transport.call(call.layer, call.direction, request).map_err(|e| ExecError::Backend(format!("server: {e}")))?;
+            self.traffic.down.fetch_add(reply.body.len() as u64, Ordering::Relaxed);
+            if let Some(time) = reply.server_time {
+                self.traffic.server_nanos.fetch_add(time.as_nanos() as u64, Ordering::Relaxed);
+            }
+            pending.messages.push(reply.body);
         }
         Ok(pending)
     }

@@ -3,9 +3,9 @@
 //! feature, and decrypt to a T × m block of integers.
 
 use rayon::prelude::*;
-use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, RandomGenerator, Seed, TUniform};
 use tfhe::core_crypto::seeders::new_seeder;
 
+use crate::keystream::{Keystream, BLOCK_BYTES};
 use crate::{restore_bits, round_to_bits, ClientKey, RlweError, Setting, DELTA_LOG2, NOISE_BOUND_LOG2, POLY_SIZE};
 
 /// n ciphertexts on their way to the server: masks as one seed, bodies rounded.
@@ -30,22 +30,38 @@ pub struct EncryptedOutput {
     pub bodies: Vec<u64>,
 }
 
-/// Bytes of CSPRNG output one TUniform(2^17) sample takes (its 19 bits, rounded up).
-const NOISE_BYTES: usize = (NOISE_BOUND_LOG2 as usize + 2).div_ceil(8);
+/// AES blocks of stream per mask: N words of 8 bytes.
+const MASK_BLOCKS: u128 = (POLY_SIZE * 8 / BLOCK_BYTES) as u128;
+/// AES blocks of noise stream per ciphertext: N words of 4 bytes, 19 bits of each used.
+const NOISE_BLOCKS: u128 = (POLY_SIZE * 4 / BLOCK_BYTES) as u128;
 
-/// One child generator per ciphertext, each owning a disjoint range of the stream, so the
-/// ciphertexts fill in parallel and the result does not depend on the thread count.
-fn children(seed: Seed, count: usize, bytes_each: usize) -> impl IndexedParallelIterator<Item = RandomGenerator<DefaultRandomGenerator>> {
-    RandomGenerator::<DefaultRandomGenerator>::new(seed).par_try_fork(count, bytes_each).expect("the stream covers every child")
-}
-
-/// The `count × N` masks that `seed` stands for; client and server expand them alike.
+/// The `count × N` masks that `seed` stands for; client and server expand them alike. Mask i
+/// is words `i·N ..` of the seed's stream: what tfhe's `RandomGenerator` fills, forked into
+/// one child of `8·N` bytes per mask.
 pub fn expand_masks(seed: u128, count: usize) -> Vec<u64> {
+    let stream = Keystream::new(seed);
     let mut masks = vec![0u64; count * POLY_SIZE];
-    masks.par_chunks_mut(POLY_SIZE).zip(children(Seed(seed), count, POLY_SIZE * 8)).for_each(|(mask, mut generator)| {
-        generator.fill_slice_with_random_uniform(mask);
+    masks.par_chunks_mut(POLY_SIZE).enumerate().for_each_with(stream, |stream, (i, mask)| {
+        stream.fill_u64(i as u128 * MASK_BLOCKS, mask);
     });
     masks
+}
+
+/// A TUniform(2^b) sample (every integer in [−2^b, 2^b], the two ends at half weight) from
+/// the low b + 2 bits of a uniform word, mapped as tfhe's sampler maps them.
+#[inline]
+fn tuniform(word: u32) -> u64 {
+    let r = (word & ((1u32 << (NOISE_BOUND_LOG2 + 2)) - 1)) as u64;
+    (r >> 1).wrapping_add(r & 1).wrapping_sub(1 << NOISE_BOUND_LOG2)
+}
+
+/// Adds one TUniform(2^17) sample per coefficient, from the stream's words at `first_block`.
+fn add_noise(stream: &mut Keystream, first_block: u128, body: &mut [u64]) {
+    let mut words = vec![0u32; body.len()];
+    stream.fill_u32(first_block, &mut words);
+    for (b, w) in body.iter_mut().zip(words) {
+        *b = b.wrapping_add(tuniform(w));
+    }
 }
 
 /// Encrypts a row-major `tokens × inputs` block of int8 values.
@@ -55,18 +71,18 @@ pub fn encrypt(key: &ClientKey, setting: Setting, values: &[i8], tokens: usize, 
     }
     let mut seeder = new_seeder();
     let seed = seeder.seed().0;
-    let noise = children(seeder.seed(), inputs, POLY_SIZE * NOISE_BYTES);
+    // The noise has its own secret seed; only the mask seed travels.
+    let noise = Keystream::new(seeder.seed().0);
     let masks = expand_masks(seed, inputs);
     let bits = setting.input_bits();
     let mut bodies = vec![0u64; inputs * POLY_SIZE];
     // b = e + a·s + Δ·m, one ciphertext per input feature.
-    bodies.par_chunks_mut(POLY_SIZE).zip(masks.par_chunks(POLY_SIZE)).zip(noise).enumerate().for_each(|(i, ((body, mask), mut noise))| {
-        noise.unsigned_integer_slice_wrapping_add_random_from_distribution_assign(body, TUniform::<u64>::new(NOISE_BOUND_LOG2));
-        let mut product = vec![0u64; POLY_SIZE];
-        key.product().mul(mask, &mut product);
-        for (t, (b, p)) in body.iter_mut().zip(&product).enumerate() {
+    bodies.par_chunks_mut(POLY_SIZE).zip(masks.par_chunks(POLY_SIZE)).enumerate().for_each_with(noise, |noise, (i, (body, mask))| {
+        key.product().mul(mask, body);
+        add_noise(noise, i as u128 * NOISE_BLOCKS, body);
+        for (t, b) in body.iter_mut().enumerate() {
             let message = if t < tokens { (values[t * inputs + i] as i64 as u64) << DELTA_LOG2 } else { 0 };
-            *b = round_to_bits(b.wrapping_add(*p).wrapping_add(message), bits);
+            *b = round_to_bits(b.wrapping_add(message), bits);
         }
     });
     Ok(EncryptedBlock { setting, tokens, inputs, seed, bodies })
@@ -99,11 +115,44 @@ pub fn decrypt(key: &ClientKey, output: &EncryptedOutput) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use tfhe::core_crypto::commons::generators::EncryptionRandomGenerator;
+    use tfhe::core_crypto::commons::math::random::{DefaultRandomGenerator, RandomGenerator, Seed, TUniform};
     use tfhe::core_crypto::prelude::{
         decrypt_glwe_ciphertext, encrypt_glwe_ciphertext, CiphertextModulus, GlweCiphertext, GlweSize, PlaintextCount, PlaintextList, PolynomialSize,
     };
 
     use super::*;
+
+    #[test]
+    fn masks_are_tfhe_generator_output() {
+        for (seed, count) in [(0u128, 3), (0x0123_4567_89ab_cdef_fedc_ba98_7654_3210, 5)] {
+            let mut tfhe = vec![0u64; count * POLY_SIZE];
+            let children = RandomGenerator::<DefaultRandomGenerator>::new(Seed(seed)).try_fork(count, POLY_SIZE * 8).unwrap();
+            for (mask, mut child) in tfhe.chunks_mut(POLY_SIZE).zip(children) {
+                child.fill_slice_with_random_uniform(mask);
+            }
+            assert_eq!(expand_masks(seed, count), tfhe, "seed {seed:#x}");
+        }
+    }
+
+    #[test]
+    fn noise_is_tuniform() {
+        // Over all b + 2 low bits: every integer of [−2^b, 2^b] twice, the two ends once.
+        let bound = 1i64 << NOISE_BOUND_LOG2;
+        let mut counts = vec![0u32; 2 * bound as usize + 1];
+        for r in 0..1u32 << (NOISE_BOUND_LOG2 + 2) {
+            let e = tuniform(r) as i64;
+            assert!(e.abs() <= bound, "{r} gives {e}");
+            counts[(e + bound) as usize] += 1;
+        }
+        let last = counts.len() - 1;
+        assert!(counts[0] == 1 && counts[last] == 1 && counts[1..last].iter().all(|&c| c == 2));
+        // High bits of the word do not matter.
+        assert_eq!(tuniform(5), tuniform(5 | 1 << 30));
+        // The stream's words, not zeros, drive it.
+        let mut body = vec![0u64; POLY_SIZE];
+        add_noise(&mut Keystream::new(9), 0, &mut body);
+        assert!(body.iter().filter(|&&e| e == 0).count() < 8);
+    }
 
     fn decode(v: u64) -> i64 {
         (v.wrapping_add(1 << (DELTA_LOG2 - 1)) as i64) >> DELTA_LOG2

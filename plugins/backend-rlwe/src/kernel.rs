@@ -7,7 +7,8 @@
 //! - **VNNI** (AVX-512 VNNI): each u64 coefficient is split into 8 byte-limbs; `vpdpbusd`
 //!   multiplies 4 unsigned limbs by 4 signed weights and adds them into 32-bit lanes, so a
 //!   limb's sum over n ≤ 3072 inputs (|·| < 2^27) is exact, and the 8 limb sums recombine
-//!   with shifts modulo 2^64.
+//!   with shifts modulo 2^64. Limbs that are zero in every input (values rounded to their
+//!   top bits) are skipped: the compact setting's 40-bit values take 5 passes, not 8.
 //! - **AVX-512**: the plain wrapping multiply-add, vectorized (`vpmullq`).
 //! - **portable**: the same code for any x86_64 (or other) CPU.
 
@@ -88,12 +89,12 @@ impl PackedWeights {
     }
 }
 
-/// Byte-limb layout of one strip: `limbs[k][g][c][q]` = byte k of `x[4g + q][c0 + c]`.
+/// Byte-limb layout of one strip: `limbs[k][g][c][q]` = byte `LO + k` of `x[4g + q][c0 + c]`.
 /// Written one limb plane at a time so every pass reads the strip in order.
-fn limb_strip(x: &[u64], n: usize, width: usize, c0: usize, groups: usize, limbs: &mut [u8]) {
+fn limb_strip<const LO: usize>(x: &[u64], n: usize, width: usize, c0: usize, groups: usize, limbs: &mut [u8]) {
     let plane = groups * VNNI_STRIP * 4;
-    for (k, plane_bytes) in limbs.chunks_exact_mut(plane).enumerate() {
-        let shift = 8 * k;
+    for (k, plane_bytes) in limbs.chunks_exact_mut(plane).enumerate().take(8 - LO) {
+        let shift = 8 * (LO + k);
         for (g, group) in plane_bytes.chunks_exact_mut(VNNI_STRIP * 4).enumerate() {
             for q in 0..4 {
                 let r = 4 * g + q;
@@ -112,17 +113,18 @@ fn limb_strip(x: &[u64], n: usize, width: usize, c0: usize, groups: usize, limbs
     }
 }
 
-/// Two output rows × one strip with VNNI; `out` receives 2 × `VNNI_STRIP` results.
+/// Two output rows × one strip with VNNI over limbs `LO..8` (the lower ones are zero);
+/// `out` receives 2 × `VNNI_STRIP` results.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn vnni_row_pair(quads: &[i32], groups: usize, limbs: &[u8], out: &mut [u64]) {
+unsafe fn vnni_row_pair<const LO: usize>(quads: &[i32], groups: usize, limbs: &[u8], out: &mut [u64]) {
     use std::arch::x86_64::*;
     let plane = groups * VNNI_STRIP * 4;
     let mut acc = [[_mm512_setzero_si512(); 8]; 2];
     for g in 0..groups {
         let w0 = _mm512_set1_epi32(quads[g]);
         let w1 = _mm512_set1_epi32(quads[groups + g]);
-        for k in 0..8 {
+        for k in 0..8 - LO {
             let x = _mm512_loadu_si512(limbs.as_ptr().add(k * plane + g * VNNI_STRIP * 4) as *const _);
             acc[0][k] = _mm512_dpbusd_epi32(acc[0][k], x, w0);
             acc[1][k] = _mm512_dpbusd_epi32(acc[1][k], x, w1);
@@ -130,11 +132,11 @@ unsafe fn vnni_row_pair(quads: &[i32], groups: usize, limbs: &[u8], out: &mut [u
     }
     for (row, acc) in acc.iter().enumerate() {
         let mut sums = [[0i32; VNNI_STRIP]; 8];
-        for k in 0..8 {
+        for k in 0..8 - LO {
             _mm512_storeu_si512(sums[k].as_mut_ptr() as *mut _, acc[k]);
         }
         for c in 0..VNNI_STRIP {
-            out[row * VNNI_STRIP + c] = (0..8).fold(0u64, |v, k| v.wrapping_add((sums[k][c] as i64 as u64) << (8 * k)));
+            out[row * VNNI_STRIP + c] = (0..8 - LO).fold(0u64, |v, k| v.wrapping_add((sums[k][c] as i64 as u64) << (8 * (LO + k))));
         }
     }
 }
@@ -150,19 +152,20 @@ fn has_vnni() -> bool {
     }
 }
 
-/// The VNNI build of [`linear_combination`]; `width` a multiple of 16.
+/// The VNNI build of [`linear_combination`]; `width` a multiple of 16; the low `LO` bytes
+/// of every `x` are zero.
 #[cfg(target_arch = "x86_64")]
-fn linear_combination_vnni(weights: &PackedWeights, x: &[u64], width: usize) -> Vec<u64> {
+fn linear_combination_vnni<const LO: usize>(weights: &PackedWeights, x: &[u64], width: usize) -> Vec<u64> {
     let (rows, n, groups) = (weights.rows, weights.n, weights.groups);
     let strips = width / VNNI_STRIP;
     let mut by_strip = vec![0u64; strips * rows * VNNI_STRIP];
     by_strip.par_chunks_mut(rows * VNNI_STRIP).enumerate().for_each_init(
-        || vec![0u8; 8 * groups * VNNI_STRIP * 4],
+        || vec![0u8; (8 - LO) * groups * VNNI_STRIP * 4],
         |limbs, (s, out)| {
-            limb_strip(x, n, width, s * VNNI_STRIP, groups, limbs);
+            limb_strip::<LO>(x, n, width, s * VNNI_STRIP, groups, limbs);
             for (pair, out) in out.chunks_exact_mut(2 * VNNI_STRIP).enumerate() {
                 // SAFETY: the CPU was checked for AVX-512 VNNI; slices have the sizes used.
-                unsafe { vnni_row_pair(&weights.quads[2 * pair * groups..(2 * pair + 2) * groups], groups, limbs, out) };
+                unsafe { vnni_row_pair::<LO>(&weights.quads[2 * pair * groups..(2 * pair + 2) * groups], groups, limbs, out) };
             }
         },
     );
@@ -204,12 +207,19 @@ pub fn kernel_name() -> &'static str {
 }
 
 /// `out[o][c] = Σ_r w[o][r]·x[r][c]` (wrapping); `x` is `n × width`, `width` a multiple of
-/// 32. Returns `rows × width`, row-major.
-pub fn linear_combination(weights: &PackedWeights, x: &[u64], width: usize) -> Vec<u64> {
+/// 32. Returns `rows × width`, row-major. The caller promises that the low `zero_bits` bits
+/// of every `x` are zero (they are rounded values); the VNNI build then skips those limbs.
+pub fn linear_combination(weights: &PackedWeights, x: &[u64], width: usize, zero_bits: u32) -> Vec<u64> {
     assert!(width % COEF_BLOCK == 0 && x.len() == weights.n * width, "kernel shapes");
+    debug_assert!(x.iter().all(|v| zero_bits == 0 || v.trailing_zeros() >= zero_bits.min(64)), "low bits are zero");
     #[cfg(target_arch = "x86_64")]
     if has_vnni() {
-        return linear_combination_vnni(weights, x, width);
+        return match zero_bits / 8 {
+            0 => linear_combination_vnni::<0>(weights, x, width),
+            1 => linear_combination_vnni::<1>(weights, x, width),
+            2 => linear_combination_vnni::<2>(weights, x, width),
+            _ => linear_combination_vnni::<3>(weights, x, width),
+        };
     }
     linear_combination_wide(&weights.w, weights.rows, weights.n, x, width)
 }
@@ -252,7 +262,8 @@ mod tests {
         w[0] = i8::MIN;
         w[1] = i8::MAX;
         let x: Vec<u64> = (0..n * width).map(|_| rng.random()).collect();
-        let got = linear_combination(&PackedWeights::new(w.clone(), rows, n), &x, width);
+        let packed = PackedWeights::new(w.clone(), rows, n);
+        let got = linear_combination(&packed, &x, width, 0);
         for o in 0..rows {
             for c in 0..width {
                 let want = (0..n).fold(0u64, |acc, r| acc.wrapping_add(x[r * width + c].wrapping_mul(w[o * n + r] as i64 as u64)));
@@ -261,6 +272,11 @@ mod tests {
         }
         // The u64-multiply build agrees with the dispatched one (VNNI where present).
         assert_eq!(linear_combination_wide(&w, rows, n, &x, width), got);
+        // Skipping limbs that are zero changes nothing.
+        for zero_bits in [16, 24] {
+            let rounded: Vec<u64> = x.iter().map(|v| v >> zero_bits << zero_bits).collect();
+            assert_eq!(linear_combination(&packed, &rounded, width, zero_bits), linear_combination_wide(&w, rows, n, &rounded, width), "{zero_bits} zero bits");
+        }
         // The portable build gives the same result as the dispatched one.
         for s in 0..width / COEF_BLOCK {
             let strip: Vec<u64> = (0..n).flat_map(|r| x[r * width + s * COEF_BLOCK..][..COEF_BLOCK].to_vec()).collect();

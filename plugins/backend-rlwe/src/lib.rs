@@ -12,12 +12,13 @@ mod encrypt;
 mod error;
 mod kernel;
 mod key;
+mod keystream;
 mod ntt;
 mod params;
 mod server;
 pub mod wire;
 
-pub use client::{FheBackend, LocalTransport, Traffic, Transport};
+pub use client::{FheBackend, LocalTransport, Reply, Traffic, Transport};
 pub use encrypt::{decrypt, encrypt, expand_masks, EncryptedBlock, EncryptedOutput};
 pub use error::RlweError;
 pub use kernel::{kernel_name, linear_combination, PackedWeights};

@@ -95,17 +95,23 @@ impl LinearServer {
             return Err(RlweError::Shape(format!("{layer} {direction} takes {n} features per token, the request has {}", block.inputs)));
         }
         // Masks and bodies combine with the same weights: two products of n × N coefficients.
-        let masks = expand_masks(block.seed, n);
-        let bits = block.setting.input_bits();
-        let bodies: Vec<u64> = block.bodies.par_iter().map(|&b| restore_bits(b, bits)).collect();
-        let out_bits = block.setting.output_bits();
-        let combine = |x: &[u64]| -> Vec<u64> {
-            let mut y = linear_combination(w, x, POLY_SIZE);
+        // Both are used at their top bits only (the setting's input width); rounded values
+        // have zero low limbs, which the kernel skips.
+        let setting = block.setting;
+        let (mask_bits, body_bits) = (setting.mask_bits(), setting.input_bits());
+        let mut masks = expand_masks(block.seed, n);
+        if mask_bits < 64 {
+            masks.par_iter_mut().for_each(|a| *a = restore_bits(round_to_bits(*a, mask_bits), mask_bits));
+        }
+        let bodies: Vec<u64> = block.bodies.par_iter().map(|&b| restore_bits(b, body_bits)).collect();
+        let out_bits = setting.output_bits();
+        let combine = |x: &[u64], bits: u32| -> Vec<u64> {
+            let mut y = linear_combination(w, x, POLY_SIZE, 64 - bits);
             y.truncate(m * POLY_SIZE);
             y.par_iter_mut().for_each(|v| *v = round_to_bits(*v, out_bits));
             y
         };
-        let (out_masks, out_bodies) = (combine(&masks), combine(&bodies));
+        let (out_masks, out_bodies) = (combine(&masks, mask_bits), combine(&bodies, body_bits));
         let output = EncryptedOutput { setting: block.setting, tokens: block.tokens, outputs: m, masks: out_masks, bodies: out_bodies };
         Ok(encode_response(call, &output))
     }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::{EncryptedBlock, EncryptedOutput, RlweError, Setting, PARAMETER_SET_ID, POLY_SIZE};
 
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 const REQUEST_MAGIC: &[u8; 4] = b"FLRQ";
 const RESPONSE_MAGIC: &[u8; 4] = b"FLRS";
 const HEADER_LEN: usize = 22;
@@ -29,27 +29,32 @@ pub struct CallHeader {
 
 /// Packs each value's low `bits` bits, little-endian, back to back.
 pub fn pack(values: &[u64], bits: u32) -> Vec<u8> {
-    if bits % 8 == 0 {
-        let width = bits as usize / 8;
-        let mut out = vec![0u8; values.len() * width];
-        out.par_chunks_mut(width).zip(values.par_iter()).for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes()[..width]));
-        return out;
-    }
-    let mut out = Vec::with_capacity((values.len() * bits as usize).div_ceil(8));
-    let (mut acc, mut filled) = (0u128, 0u32);
+    let mut out = vec![0u8; packed_len(values.len(), bits)];
+    // 8 values fill exactly `bits` bytes: groups pack independently, in parallel.
+    let group = bits as usize;
+    let whole = values.len() / 8;
+    let (head, tail) = out.split_at_mut(whole * group);
+    head.par_chunks_mut(group).zip(values.par_chunks_exact(8)).for_each(|(o, v)| pack_serial(v, bits, o));
+    pack_serial(&values[whole * 8..], bits, tail);
+    out
+}
+
+fn pack_serial(values: &[u64], bits: u32, out: &mut [u8]) {
+    let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let (mut acc, mut filled, mut at) = (0u128, 0u32, 0);
     for &v in values {
-        acc |= ((v & ((1u64 << bits) - 1)) as u128) << filled;
+        acc |= ((v & mask) as u128) << filled;
         filled += bits;
         while filled >= 8 {
-            out.push(acc as u8);
+            out[at] = acc as u8;
+            at += 1;
             acc >>= 8;
             filled -= 8;
         }
     }
     if filled > 0 {
-        out.push(acc as u8);
+        out[at] = acc as u8;
     }
-    out
 }
 
 pub fn packed_len(count: usize, bits: u32) -> usize {
@@ -58,30 +63,28 @@ pub fn packed_len(count: usize, bits: u32) -> usize {
 
 /// Inverse of [`pack`]; `bytes` must be exactly `packed_len(count, bits)` long.
 pub fn unpack(bytes: &[u8], count: usize, bits: u32) -> Vec<u64> {
-    if bits % 8 == 0 {
-        let width = bits as usize / 8;
-        return bytes
-            .par_chunks_exact(width)
-            .map(|c| {
-                let mut b = [0u8; 8];
-                b[..width].copy_from_slice(c);
-                u64::from_le_bytes(b)
-            })
-            .collect();
-    }
-    let mask = (1u64 << bits) - 1;
-    let (mut out, mut acc, mut filled) = (Vec::with_capacity(count), 0u128, 0u32);
+    let mut out = vec![0u64; count];
+    let group = bits as usize;
+    let whole = count / 8;
+    let (head, tail) = out.split_at_mut(whole * 8);
+    head.par_chunks_mut(8).zip(bytes.par_chunks_exact(group)).for_each(|(o, b)| unpack_serial(b, bits, o));
+    unpack_serial(&bytes[whole * group..], bits, tail);
+    out
+}
+
+fn unpack_serial(bytes: &[u8], bits: u32, out: &mut [u64]) {
+    let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let (mut acc, mut filled) = (0u128, 0u32);
     let mut bytes = bytes.iter();
-    while out.len() < count {
+    for v in out {
         while filled < bits {
             acc |= (*bytes.next().expect("length checked") as u128) << filled;
             filled += 8;
         }
-        out.push(acc as u64 & mask);
+        *v = acc as u64 & mask;
         acc >>= bits;
         filled -= bits;
     }
-    out
 }
 
 fn direction_id(d: Direction) -> u8 {

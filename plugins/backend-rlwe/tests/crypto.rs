@@ -80,19 +80,25 @@ fn exact_setting_holds_at_gpt2_widths_and_extreme_values() {
     }
 }
 
+/// docs/CRYPTO.md §4: the compact setting's error is zero-mean with a standard deviation of
+/// about 5 (up to 6.5 at n = 3072 with weights as large as int8 allows); a bias or a
+/// mis-rounded limb would show as a mean or spread far off those.
 #[test]
-fn compact_setting_stays_within_two() {
+fn compact_setting_error_is_small_and_unbiased() {
     let key = ClientKey::from_seed(5);
     let mut rng = Rng64::seed_from_u64(6);
-    let mut worst = 0;
-    for (tokens, n_in, n_out, direction) in [(2048, 768, 96, Direction::Forward), (300, 64, 768, Direction::Backward), (1, 3072, 8, Direction::Forward)] {
+    let mut errors = Vec::new();
+    for (tokens, n_in, n_out, direction) in [(2048, 768, 96, Direction::Forward), (300, 64, 768, Direction::Backward), (64, 3072, 8, Direction::Forward)] {
         let k = if direction == Direction::Forward { n_in } else { n_out };
         let (x, w) = (random_i8(&mut rng, tokens * k), random_i8(&mut rng, n_in * n_out));
         let got = round_trip(&key, Setting::Compact, &x, tokens, &w, n_in, n_out, direction);
         let want = exact_product(&x, tokens, &w, n_in, n_out, direction);
-        worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).max().unwrap().max(worst);
+        errors.extend(got.iter().zip(&want).map(|(a, b)| (a - b) as f64));
     }
-    assert!(worst <= 2, "compact error {worst} exceeds the documented ±2");
+    let mean = errors.iter().sum::<f64>() / errors.len() as f64;
+    let std = (errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / errors.len() as f64).sqrt();
+    let worst = errors.iter().fold(0f64, |m, e| m.max(e.abs()));
+    assert!(mean.abs() < 0.5 && (3.0..8.0).contains(&std) && worst <= 60.0, "compact error: mean {mean}, std {std}, worst {worst}");
 }
 
 #[test]
@@ -150,7 +156,7 @@ fn malformed_requests_are_refused_with_the_reason() {
         m[offset..offset + bytes.len()].copy_from_slice(bytes);
         cases.push((m, expected));
     };
-    patched(4, &(PROTOCOL_VERSION + 1).to_le_bytes(), "protocol version 2 is not supported");
+    patched(4, &(PROTOCOL_VERSION + 1).to_le_bytes(), "protocol version 3 is not supported");
     patched(6, &7u16.to_le_bytes(), "parameter set 7 is not this server's");
     patched(8, &[9], "unknown setting 9");
     patched(9, &[4], "unknown direction 4");

@@ -13,10 +13,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use fhe_server::{serve, ServerConfig};
 
-// Requests allocate tens of MB each; a caching allocator reuses them instead of returning them
-// to the OS and faulting them in again (about 25% of a small layer's server time).
+// Requests and training steps allocate tens to hundreds of MB at a time; see fhe-alloc.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: fhe_alloc::Allocator = fhe_alloc::Allocator;
 
 #[derive(Parser, Debug)]
 #[command(name = "fhe-run", version, about = "Run the fhe-lora server, or fine-tune as its client.")]
@@ -126,6 +125,7 @@ fn run_server(args: ServerArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    fhe_alloc::keep_freed_memory();
     let cli = Cli::parse();
     // The server logs each request; a client shows its own progress and only warnings.
     let default_filter = if matches!(cli.command, Command::Server(_)) { "info" } else { "warn" };

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use fhe_backend_rlwe::wire::{decode_response, encode_request, CallHeader};
-use fhe_backend_rlwe::{decrypt, encrypt, ClientKey, LinearServer, Setting};
+use fhe_backend_rlwe::wire::{decode_response, encode_request, CallHeader, PROTOCOL_VERSION};
+use fhe_backend_rlwe::{decrypt, encrypt, ClientKey, LinearServer, Reply, Setting};
 use fhe_client::{ClientConfig, ClientError, HttpClient};
 use fhe_exec::artifact::ServerArtifact;
 use fhe_ir::{Direction, LayerId};
@@ -23,10 +23,10 @@ fn request(key: &ClientKey, layer: u32, direction: Direction, width: usize, toke
     (encode_request(CallHeader { layer: LayerId(layer), direction }, &block), x)
 }
 
-fn refused(result: Result<Vec<u8>, ClientError>) -> (u16, String) {
+fn refused(result: Result<Reply, ClientError>) -> (u16, String) {
     match result {
         Err(ClientError::Refused { status, message, .. }) => (status, message),
-        other => panic!("expected a refusal, got {:?}", other.map(|b| b.len())),
+        other => panic!("expected a refusal, got {:?}", other.map(|r| r.body.len())),
     }
 }
 
@@ -37,12 +37,14 @@ fn forward_and_backward_answers_equal_the_direct_backend_call() {
     let direct = LinearServer::new(&ServerArtifact::load(dir.path()).unwrap());
     let client = server.client();
     let info = client.info().unwrap();
-    assert_eq!((info.protocol_version, info.parameter_set_id, info.layers.len()), (1, 1, 8));
+    assert_eq!((info.protocol_version, info.parameter_set_id, info.layers.len()), (PROTOCOL_VERSION, 1, 8));
     assert_eq!(info.layers[0].name, "transformer.h.0.attn.c_attn");
     let key = ClientKey::from_seed(1);
     for (layer, direction, width) in [(0, Direction::Forward, 64), (3, Direction::Backward, 64), (2, Direction::Forward, 64)] {
         let (body, _) = request(&key, layer, direction, width, 100);
-        let over_http = client.linear(LayerId(layer), direction, &body).unwrap();
+        let reply = client.linear(LayerId(layer), direction, &body).unwrap();
+        assert!(reply.server_time.is_some(), "the server reports its compute time (Server-Timing)");
+        let over_http = reply.body;
         let in_process = direct.handle(LayerId(layer), direction, &body).unwrap();
         assert_eq!(over_http, in_process, "layer {layer} {direction}");
         let (_, output) = decode_response(&over_http).unwrap();
@@ -178,8 +180,8 @@ fn burst(server: &Server, dir: &Path, clients: usize, each: usize, retry: bool) 
                 barrier.wait();
                 for (body, x) in prepared {
                     match client.linear(LayerId(6), Direction::Forward, &body) {
-                        Ok(bytes) => {
-                            let (_, output) = decode_response(&bytes).unwrap();
+                        Ok(reply) => {
+                            let (_, output) = decode_response(&reply.body).unwrap();
                             assert_eq!(decrypt(&key, &output), expected(&dir, 6, &x, 2048), "client {c}");
                             ok += 1;
                         }
@@ -234,7 +236,7 @@ fn the_server_runs_with_no_key_material_anywhere_it_can_read() {
     let server = Server::start_in(&server_part, "127.0.0.1:0", &[], Some(sandbox.path()));
     let key = ClientKey::from_seed(4);
     let (body, x) = request(&key, 0, Direction::Forward, 64, 16);
-    let (_, output) = decode_response(&server.client().linear(LayerId(0), Direction::Forward, &body).unwrap()).unwrap();
+    let (_, output) = decode_response(&server.client().linear(LayerId(0), Direction::Forward, &body).unwrap().body).unwrap();
     assert_eq!(decrypt(&key, &output), expected(dir.path(), 0, &x, 16));
 }
 
@@ -265,7 +267,7 @@ fn https_with_a_trusted_certificate() {
     assert_eq!(client.info().unwrap().layers.len(), 8);
     let key = ClientKey::from_seed(5);
     let (body, x) = request(&key, 0, Direction::Forward, 64, 8);
-    let (_, output) = decode_response(&client.linear(LayerId(0), Direction::Forward, &body).unwrap()).unwrap();
+    let (_, output) = decode_response(&client.linear(LayerId(0), Direction::Forward, &body).unwrap().body).unwrap();
     assert_eq!(decrypt(&key, &output), expected(dir.path(), 0, &x, 8));
     // Without trusting the certificate the client refuses to talk.
     let untrusting = server.client_with(|c| c.retry_for = Duration::ZERO);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fhe_backend_rlwe::Transport;
+use fhe_backend_rlwe::{Reply, Transport};
 use fhe_ir::{Direction, LayerId};
 use serde::Deserialize;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
@@ -80,7 +80,7 @@ pub struct HttpClient {
 }
 
 enum Attempt {
-    Done(Vec<u8>),
+    Done(Reply),
     /// Worth retrying: busy (with the server's Retry-After) or no connection.
     Retry(String, Option<Duration>),
     Fail(ClientError),
@@ -134,12 +134,13 @@ impl HttpClient {
         };
         let status = response.status().as_u16();
         let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).map(Duration::from_secs);
+        let server_time = response.headers().get("server-timing").and_then(|v| v.to_str().ok()).and_then(parse_server_timing);
         let bytes = match response.body_mut().with_config().limit(self.config.max_response).read_to_vec() {
             Ok(b) => b,
             Err(e) => return Attempt::Retry(format!("reading the response: {e}"), None),
         };
         match status {
-            200 => Attempt::Done(bytes),
+            200 => Attempt::Done(Reply { body: bytes, server_time }),
             503 => Attempt::Retry("server busy (503)".into(), retry_after),
             _ => {
                 let message = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -153,12 +154,12 @@ impl HttpClient {
 
     /// One request with retries: busy and unreachable servers are waited for, up to
     /// `retry_for`; anything else fails at once.
-    fn request(&self, path: &str, body: Option<&[u8]>) -> Result<Vec<u8>, ClientError> {
+    fn request(&self, path: &str, body: Option<&[u8]>) -> Result<Reply, ClientError> {
         let start = Instant::now();
         let mut backoff = self.config.backoff;
         loop {
             match self.attempt(path, body) {
-                Attempt::Done(bytes) => return Ok(bytes),
+                Attempt::Done(reply) => return Ok(reply),
                 Attempt::Fail(e) => return Err(e),
                 Attempt::Retry(why, hint) => {
                     if start.elapsed() >= self.config.retry_for {
@@ -174,17 +175,40 @@ impl HttpClient {
     }
 
     pub fn info(&self) -> Result<ServerInfo, ClientError> {
-        let bytes = self.request("/v1/info", None)?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::BadResponse { url: self.url("/v1/info"), what: e.to_string() })
+        let reply = self.request("/v1/info", None)?;
+        serde_json::from_slice(&reply.body).map_err(|e| ClientError::BadResponse { url: self.url("/v1/info"), what: e.to_string() })
     }
 
-    pub fn linear(&self, layer: LayerId, direction: Direction, body: &[u8]) -> Result<Vec<u8>, ClientError> {
+    /// One encrypted linear call; the reply carries the server's compute time when it
+    /// reports one.
+    pub fn linear(&self, layer: LayerId, direction: Direction, body: &[u8]) -> Result<Reply, ClientError> {
         self.request(&format!("/v1/linear/{}/{direction}", layer.0), Some(body))
     }
 }
 
+/// The `compute` metric of a `Server-Timing` header (`compute;dur=12.5`, milliseconds).
+fn parse_server_timing(header: &str) -> Option<Duration> {
+    let metric = header.split(',').map(str::trim).find(|m| m.split(';').next() == Some("compute"))?;
+    let ms: f64 = metric.split(';').find_map(|p| p.trim().strip_prefix("dur="))?.parse().ok()?;
+    (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1e3))
+}
+
 impl Transport for HttpClient {
-    fn call(&self, layer: LayerId, direction: Direction, body: Vec<u8>) -> Result<Vec<u8>, String> {
+    fn call(&self, layer: LayerId, direction: Direction, body: Vec<u8>) -> Result<Reply, String> {
         self.linear(layer, direction, &body).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_timing_header() {
+        assert_eq!(parse_server_timing("compute;dur=12.5"), Some(Duration::from_micros(12_500)));
+        assert_eq!(parse_server_timing("db;dur=1, compute;desc=\"x\";dur=2"), Some(Duration::from_millis(2)));
+        assert_eq!(parse_server_timing("db;dur=1"), None);
+        assert_eq!(parse_server_timing("compute;dur=-1"), None);
+        assert_eq!(parse_server_timing("compute;dur=abc"), None);
     }
 }

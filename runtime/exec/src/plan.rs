@@ -1,8 +1,9 @@
 //! Running a graph in clear: a specialized graph is turned into a flat schedule once, then
 //! run many times. Values are dropped right after their last use.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use fhe_ir::{specialize, Fact, Graph, LinearCall, NodeBody, NodeId, Op, OutletId, Stage, Tensor};
 
@@ -33,6 +34,45 @@ struct Step {
     outputs: Vec<usize>,
     /// Value slots whose last reader is this step.
     release: Vec<usize>,
+}
+
+/// Wall time and count of the steps a plan ran, by op kind for clear ops and by stage for
+/// server calls (`server call: seal` …), summed over runs.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    pub entries: BTreeMap<String, ProfileEntry>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProfileEntry {
+    pub calls: usize,
+    pub time: Duration,
+}
+
+impl Profile {
+    fn record(&mut self, key: &str, time: Duration) {
+        let entry = self.entries.entry(key.to_string()).or_default();
+        entry.calls += 1;
+        entry.time += time;
+    }
+
+    /// Total time of the entries whose key starts with `prefix`.
+    pub fn time_of(&self, prefix: &str) -> Duration {
+        self.entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, e)| e.time).sum()
+    }
+
+    pub fn total(&self) -> Duration {
+        self.entries.values().map(|e| e.time).sum()
+    }
+}
+
+/// Profile key of a server-call stage.
+pub fn stage_key(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Seal => "server call: seal",
+        Stage::Apply => "server call: apply",
+        Stage::Open => "server call: open",
+    }
 }
 
 /// A schedule for one set of input shapes.
@@ -105,7 +145,17 @@ impl Plan {
         self.run_with(inputs, None)
     }
 
-    pub fn run_with(&self, mut inputs: HashMap<String, Tensor>, backend: Option<&dyn LinearBackend>) -> Result<Vec<(String, Tensor)>, ExecError> {
+    pub fn run_with(&self, inputs: HashMap<String, Tensor>, backend: Option<&dyn LinearBackend>) -> Result<Vec<(String, Tensor)>, ExecError> {
+        self.run_profiled(inputs, backend, None)
+    }
+
+    /// Runs the plan, adding the time of each step to `profile` when one is given.
+    pub fn run_profiled(
+        &self,
+        mut inputs: HashMap<String, Tensor>,
+        backend: Option<&dyn LinearBackend>,
+        mut profile: Option<&mut Profile>,
+    ) -> Result<Vec<(String, Tensor)>, ExecError> {
         let mut slots: Vec<Option<Value>> = (0..self.n_slots).map(|_| None).collect();
         for (slot, value) in &self.constants {
             slots[*slot] = Some(Value::Clear(value.clone()));
@@ -128,6 +178,7 @@ impl Plan {
         }
         for step in &self.steps {
             let node = self.graph.node(step.node);
+            let started = Instant::now();
             let results = match step.op.linear_call() {
                 Some(call) => vec![self.server_stage(call, step, &mut slots, backend)?],
                 None => {
@@ -145,6 +196,10 @@ impl Plan {
             }
             for &slot in &step.release {
                 slots[slot] = None;
+            }
+            if let Some(profile) = profile.as_deref_mut() {
+                let key = step.op.linear_call().map_or(step.op.kind(), |call| stage_key(call.stage));
+                profile.record(key, started.elapsed());
             }
         }
         self.outputs
@@ -183,11 +238,13 @@ impl Plan {
 pub struct Model {
     graph: Graph,
     plans: Mutex<HashMap<Vec<(String, Vec<usize>)>, Arc<Plan>>>,
+    /// Collects step times of every run while profiling is on.
+    profile: Mutex<Option<Profile>>,
 }
 
 impl Model {
     pub fn new(graph: Graph) -> Model {
-        Model { graph, plans: Mutex::new(HashMap::new()) }
+        Model { graph, plans: Mutex::new(HashMap::new()), profile: Mutex::new(None) }
     }
 
     pub fn graph(&self) -> &Graph {
@@ -212,6 +269,22 @@ impl Model {
 
     pub fn run_with(&self, inputs: HashMap<String, Tensor>, backend: Option<&dyn LinearBackend>) -> Result<Vec<(String, Tensor)>, ExecError> {
         let shapes = inputs.iter().map(|(k, v)| (k.clone(), v.shape().to_vec())).collect();
-        self.plan(&shapes)?.run_with(inputs, backend)
+        let plan = self.plan(&shapes)?;
+        let mut profile = self.profile.lock().unwrap().take();
+        let result = plan.run_profiled(inputs, backend, profile.as_mut());
+        if profile.is_some() {
+            *self.profile.lock().unwrap() = profile;
+        }
+        result
+    }
+
+    /// Starts collecting step times (see [`Profile`]), or clears what was collected.
+    pub fn start_profiling(&self) {
+        *self.profile.lock().unwrap() = Some(Profile::default());
+    }
+
+    /// What was collected since `start_profiling`, and stops collecting.
+    pub fn take_profile(&self) -> Option<Profile> {
+        self.profile.lock().unwrap().take()
     }
 }

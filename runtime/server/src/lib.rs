@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -152,7 +152,8 @@ async fn linear(
     let work_state = state.clone();
     let work = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        work_state.server.handle(layer, direction, &body)
+        let computing = Instant::now();
+        work_state.server.handle(layer, direction, &body).map(|out| (out, computing.elapsed()))
     });
     let response = match tokio::time::timeout(state.request_timeout, work).await {
         Err(_) => error(StatusCode::GATEWAY_TIMEOUT, format!("the computation took longer than {:?}", state.request_timeout)),
@@ -166,7 +167,15 @@ async fn linear(
             };
             error(status, e.to_string())
         }
-        Ok(Ok(Ok(out))) => ([(header::CONTENT_TYPE, "application/octet-stream")], out).into_response(),
+        // Server-Timing lets clients split a call's time into compute and transfer.
+        Ok(Ok(Ok((out, compute)))) => (
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+                (HeaderName::from_static("server-timing"), HeaderValue::from_str(&format!("compute;dur={:.3}", compute.as_secs_f64() * 1e3)).expect("ASCII")),
+            ],
+            out,
+        )
+            .into_response(),
     };
     // Never the payload: only what a log reader needs.
     tracing::info!(

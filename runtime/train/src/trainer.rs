@@ -128,6 +128,11 @@ impl Trainer {
         self.step
     }
 
+    /// The compiled training graph being run (for profiling).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
     /// One optimizer step over `grad_accum` micro-batches of `batch` blocks each.
     pub fn train_step(&mut self, blocks: &[Block], backend: &dyn LinearBackend) -> Result<StepLog, ExecError> {
         let mut grads: Vec<Vec<f32>> = self.adapter.iter().map(|(_, t)| vec![0.0; t.len()]).collect();

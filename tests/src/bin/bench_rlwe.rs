@@ -16,7 +16,7 @@ use fhe_tests::Random;
 // As in the fhe-run binary: large per-request buffers are reused instead of being returned to
 // the OS and faulted in again on every call.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: fhe_alloc::Allocator = fhe_alloc::Allocator;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -24,6 +24,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() -> Result<()> {
+    fhe_alloc::keep_freed_memory();
     let (mut setting, mut iters) = (Setting::Compact, 3usize);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
