@@ -238,3 +238,18 @@ fn the_split_report_of_gpt2_small_matches_the_reference() {
     assert_eq!((r.total, r.server, r.lora), expected_split(50257, 1024, 768, 12, 8));
     assert_eq!(format!("{:.2}", 100.0 * r.server as f64 / r.total as f64), "68.25");
 }
+
+#[test]
+fn gpt2_gelu_and_the_lm_head_loss_are_fused() {
+    let a = compile_tiny(LoraTargets::Modules(vec!["c_attn".into()]), 4);
+    for (what, graph) in [("forward", &a.client.forward), ("train", &a.client.train)] {
+        let kinds: Vec<&str> = graph.node_ids().map(|id| graph.node(id).body.kind()).collect();
+        let count = |kind: &str| kinds.iter().filter(|k| **k == kind).count();
+        assert_eq!((count("Gelu"), count("Unary")), (2, 0), "{what}: one Gelu per layer, no tanh left");
+        if what == "train" {
+            assert_eq!(count("GeluGrad"), 2, "one GeluGrad per layer");
+            // The tied lm_head fuses with the loss: no logits of all tokens in training.
+            assert_eq!((count("ProjectedCrossEntropy"), count("CrossEntropy")), (1, 0));
+        }
+    }
+}

@@ -69,6 +69,7 @@ pub fn compile(options: &CompileOptions, registry: &Registry) -> Result<Compiled
     fhe_ir::specialize(&graph, &fhe_passes::smallest_shapes(&graph))
         .with_context(|| format!("checking `{}` (every dynamic dimension set to 1)", options.model.display()))?;
 
+    fhe_passes::fuse_gelu(&mut graph).context("fusing GELU")?;
     let lora = &options.lora;
     let layers = fhe_passes::discover_linear_layers(&mut graph).context("finding the linear layers")?;
     let adapters = fhe_passes::insert_lora(&mut graph, &layers, lora).context("inserting LoRA")?;

@@ -259,6 +259,40 @@ impl Graph {
             .map_err(|cycle| IrError::Cycle(self.g[cycle.node_id()].name.clone()))
     }
 
+    /// A topological order that computes each node as late as it can: a depth-first walk
+    /// from the outputs, in output order, each node right after its inputs. In a training
+    /// graph, gradient terms that need only forward values are then computed during the
+    /// backward pass, when they are consumed, rather than alive through all of it. Nodes no
+    /// output needs come last.
+    pub fn demand_order(&self) -> Result<Vec<NodeId>, IrError> {
+        let topo = self.topo_order()?;
+        let mut order = Vec::with_capacity(topo.len());
+        let mut placed: HashSet<NodeIndex> = HashSet::new();
+        for output in &self.outputs {
+            // (node, how many of its inputs were walked)
+            let mut stack = vec![(output.outlet.node.0, 0usize)];
+            while let Some((n, next)) = stack.pop() {
+                if placed.contains(&n) {
+                    continue;
+                }
+                match self.g[n].inputs.get(next) {
+                    Some(input) => {
+                        stack.push((n, next + 1));
+                        if !placed.contains(&input.node.0) {
+                            stack.push((input.node.0, 0));
+                        }
+                    }
+                    None => {
+                        placed.insert(n);
+                        order.push(NodeId(n));
+                    }
+                }
+            }
+        }
+        order.extend(topo.into_iter().filter(|id| !placed.contains(&id.0)));
+        Ok(order)
+    }
+
     /// Removes every node that no graph output depends on (graph inputs stay).
     pub fn remove_unused(&mut self) {
         let mut live: HashSet<NodeIndex> = HashSet::new();

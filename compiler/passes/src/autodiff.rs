@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use fhe_ir::{specialize, DType, Dim, GradBuilder, Graph, InputSpec, NodeBody, NodeId, OutletId, Tensor};
-use fhe_ops_std::{Binary, BinaryFn, CrossEntropy};
+use fhe_ops_std::{Binary, BinaryFn, CrossEntropy, MatMul, ProjectedCrossEntropy};
 
 use crate::PassError;
 
@@ -16,6 +16,17 @@ pub const LOSS: &str = "loss";
 
 pub fn grad_output_name(input: &str) -> String {
     format!("grad:{input}")
+}
+
+/// `(h, w, transpose_b)` when `logits` is only the output `h·w` (or `h·wᵀ`) of a constant
+/// matrix `w` (GPT-2's lm_head on the tied embedding table): the loss then fuses with that
+/// projection and never holds the logits of all tokens at once.
+fn projection_of(graph: &Graph, logits: OutletId) -> Option<(OutletId, OutletId, bool)> {
+    let node = graph.node(logits.node);
+    let matmul = node.op_as::<MatMul>().filter(|m| !m.transpose_a)?;
+    let w = node.inputs[1];
+    let is_matrix = matches!(&graph.node(w.node).body, NodeBody::Const(t) if t.shape().len() == 2);
+    (is_matrix && graph.consumers(logits.node).is_empty()).then_some((node.inputs[0], w, matmul.transpose_b))
 }
 
 /// Turns a forward graph with output `logits` into a training graph: adds a `labels` input
@@ -37,7 +48,10 @@ pub fn build_training_graph(forward: &Graph, like_input: &str, trainable: &[Stri
         .ok_or_else(|| PassError::Config(format!("the model has no `{like_input}` input")))?;
     let ids_spec = graph.input_spec(ids).expect("an input").clone();
     let labels = graph.add_input(LABELS, InputSpec { dtype: DType::I64, dims: ids_spec.dims });
-    let loss_node = graph.add_op(LOSS, Arc::new(CrossEntropy), &[logits, labels], 1)?;
+    let loss_node = match projection_of(&graph, logits) {
+        Some((h, w, transpose_b)) => graph.add_op(LOSS, Arc::new(ProjectedCrossEntropy { transpose_b }), &[h, w, labels], 2)?,
+        None => graph.add_op(LOSS, Arc::new(CrossEntropy), &[logits, labels], 1)?,
+    };
     let loss = OutletId::new(loss_node, 0);
     // An output from here on, so the analysis below sees the loss as live.
     graph.add_output(LOSS, loss)?;

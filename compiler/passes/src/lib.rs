@@ -1,5 +1,6 @@
 //! fhe-passes: the compiler's passes, in pipeline order.
 //!
+//! 0. [`fuse_gelu`]: GPT-2's spelled-out tanh GELU → one op.
 //! 1. [`discover_linear_layers`]: frozen linear layers → `FrozenLinear` (+ bias), PEFT names,
 //!    tied lm_head shares the embedding table.
 //! 2. [`insert_lora`]: adapters on the target layers, as graph inputs.
@@ -8,6 +9,7 @@
 //! 5. [`quantize_weight`]: int8 per-output-channel weights for the server part.
 
 mod autodiff;
+mod fuse;
 mod linear;
 mod lora;
 mod partition;
@@ -15,6 +17,7 @@ mod quant;
 mod report;
 
 pub use autodiff::{build_training_graph, grad_output_name, smallest_shapes, LABELS, LOSS};
+pub use fuse::fuse_gelu;
 pub use linear::{discover_linear_layers, module_name, LayerInfo, Linear};
 pub use lora::{insert_lora, peft_key, Adapter, LoraConfig, LoraTargets};
 pub use partition::partition;

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fhe_backend_clear::{dequantize, quantize_rows, scale_columns};
+use fhe_backend_clear::{quantize_rows, scale_columns};
 use fhe_exec::artifact::ClientArtifact;
 use fhe_exec::{unseal, ExecError, LinearBackend, Sealed};
 use fhe_ir::{Direction, LayerId, LinearCall, Tensor};
+use rayon::prelude::*;
 
-use crate::wire::{decode_response, encode_request, CallHeader};
-use crate::{decrypt, encrypt, ClientKey, LinearServer, Setting, POLY_SIZE};
+use crate::wire::{decode_response_packed, encode_request, CallHeader};
+use crate::{decrypt_ciphertext, encrypt, ClientKey, LinearServer, Setting, POLY_SIZE};
 
 /// How requests reach a server.
 pub trait Transport: Send + Sync {
@@ -134,18 +135,43 @@ impl LinearBackend for FheBackend {
         let pending = unseal::<Pending>(sealed, "fhe backend")?;
         let layer = self.layer(call)?;
         let cols = if call.direction == Direction::Forward { layer.out_features } else { layer.in_features };
-        let mut acc = Vec::with_capacity(pending.tokens * cols);
-        for message in &pending.messages {
-            let (header, output) = decode_response(message).map_err(backend_error)?;
-            if header != (CallHeader { layer: call.layer, direction: call.direction }) || output.outputs != cols {
-                return Err(ExecError::Backend(format!("the server answered for {} {} with {} features", header.layer, header.direction, output.outputs)));
-            }
-            acc.extend(decrypt(&self.key, &output));
-        }
-        if acc.len() != pending.tokens * cols {
-            return Err(ExecError::Backend(format!("the server answered {} values for {} tokens × {cols}", acc.len(), pending.tokens)));
-        }
         let col_scales = (call.direction == Direction::Forward).then_some(layer.weight_scales.as_slice());
-        Ok(Tensor::from_f32(&[pending.tokens, cols], dequantize(&acc, &pending.row_scales, col_scales, cols))?)
+        let mut out = vec![0f32; pending.tokens * cols];
+        let mut first_token = 0;
+        for message in &pending.messages {
+            let (header, packed) = decode_response_packed(message).map_err(backend_error)?;
+            if header != (CallHeader { layer: call.layer, direction: call.direction }) || packed.outputs != cols {
+                return Err(ExecError::Backend(format!("the server answered for {} {} with {} features", header.layer, header.direction, packed.outputs)));
+            }
+            let tokens = packed.tokens;
+            if first_token + tokens > pending.tokens {
+                return Err(ExecError::Backend(format!("the server answered more than the {} tokens sent", pending.tokens)));
+            }
+            // One ciphertext (output feature) at a time, straight from the packed response,
+            // dequantized as it is decrypted: y·s_x[t]·s_w[j].
+            let row_scales = &pending.row_scales[first_token..first_token + tokens];
+            let mut by_column = vec![0f32; cols * tokens];
+            by_column.par_chunks_mut(tokens).enumerate().for_each_init(
+                || vec![0i64; tokens],
+                |values, (j, column)| {
+                    let (mask, body) = packed.ciphertext(j);
+                    decrypt_ciphertext(&self.key, &mask, &body, packed.setting.output_bits(), values);
+                    let cs = col_scales.map_or(1.0, |c| c[j]);
+                    for ((v, &y), &rs) in column.iter_mut().zip(values.iter()).zip(row_scales) {
+                        *v = y as f32 * rs * cs;
+                    }
+                },
+            );
+            out[first_token * cols..(first_token + tokens) * cols].par_chunks_mut(cols).enumerate().for_each(|(t, row)| {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = by_column[j * tokens + t];
+                }
+            });
+            first_token += tokens;
+        }
+        if first_token != pending.tokens {
+            return Err(ExecError::Backend(format!("the server answered {first_token} tokens of {}", pending.tokens)));
+        }
+        Ok(Tensor::from_f32(&[pending.tokens, cols], out)?)
     }
 }

@@ -88,19 +88,25 @@ pub fn encrypt(key: &ClientKey, setting: Setting, values: &[i8], tokens: usize, 
     Ok(EncryptedBlock { setting, tokens, inputs, seed, bodies })
 }
 
+/// Decrypts one output ciphertext (mask and body rounded to `bits`, right-aligned) into the
+/// integer products of its first `column.len()` coefficients (tokens).
+pub fn decrypt_ciphertext(key: &ClientKey, mask: &[u64], body: &[u64], bits: u32, column: &mut [i64]) {
+    let mut product = vec![0u64; POLY_SIZE];
+    key.product().mul_rounded(mask, bits, &mut product);
+    for ((y, &b), &p) in column.iter_mut().zip(body).zip(&product) {
+        let phase = restore_bits(b, bits).wrapping_sub(p);
+        // Round to the nearest multiple of Δ, read as a signed integer.
+        *y = (phase.wrapping_add(1 << (DELTA_LOG2 - 1)) as i64) >> DELTA_LOG2;
+    }
+}
+
 /// Decrypts to a row-major `tokens × outputs` block of integer products.
 pub fn decrypt(key: &ClientKey, output: &EncryptedOutput) -> Vec<i64> {
     let (tokens, outputs, bits) = (output.tokens, output.outputs, output.setting.output_bits());
     let mut columns = vec![0i64; outputs * tokens];
     columns.par_chunks_mut(tokens).enumerate().for_each(|(j, column)| {
-        let mask: Vec<u64> = output.masks[j * POLY_SIZE..(j + 1) * POLY_SIZE].iter().map(|&v| restore_bits(v, bits)).collect();
-        let mut product = vec![0u64; POLY_SIZE];
-        key.product().mul(&mask, &mut product);
-        for (t, y) in column.iter_mut().enumerate() {
-            let phase = restore_bits(output.bodies[j * POLY_SIZE + t], bits).wrapping_sub(product[t]);
-            // Round to the nearest multiple of Δ, read as a signed integer.
-            *y = (phase.wrapping_add(1 << (DELTA_LOG2 - 1)) as i64) >> DELTA_LOG2;
-        }
+        let part = |v: &[u64]| v[j * POLY_SIZE..(j + 1) * POLY_SIZE].to_vec();
+        decrypt_ciphertext(key, &part(&output.masks), &part(&output.bodies), bits, column);
     });
     // Column-major (one ciphertext per output) to row-major tokens × outputs.
     let mut rows = vec![0i64; tokens * outputs];

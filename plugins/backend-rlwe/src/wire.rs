@@ -184,14 +184,56 @@ pub fn decode_request(bytes: &[u8]) -> Result<(CallHeader, EncryptedBlock), Rlwe
     Ok((h.call, EncryptedBlock { setting: h.setting, tokens: h.tokens, inputs: h.features, seed, bodies }))
 }
 
-pub fn decode_response(bytes: &[u8]) -> Result<(CallHeader, EncryptedOutput), RlweError> {
+/// A response's output ciphertexts, still packed: each unpacks on its own, so a client can
+/// decrypt them one at a time (in parallel) without unpacking the whole response first.
+pub struct PackedOutput<'a> {
+    pub setting: Setting,
+    pub tokens: usize,
+    pub outputs: usize,
+    masks: &'a [u8],
+    bodies: &'a [u8],
+}
+
+impl PackedOutput<'_> {
+    /// Mask and body of output ciphertext `j`: N values each, rounded to the setting's output
+    /// bits and right-aligned. (N values of any width are whole bytes: N is a multiple of 8.)
+    pub fn ciphertext(&self, j: usize) -> (Vec<u64>, Vec<u64>) {
+        let bits = self.setting.output_bits();
+        let len = packed_len(POLY_SIZE, bits);
+        let part = |bytes: &[u8]| unpack_serial_vec(&bytes[j * len..(j + 1) * len], POLY_SIZE, bits);
+        (part(self.masks), part(self.bodies))
+    }
+
+    pub fn unpack(&self) -> EncryptedOutput {
+        let (count, bits) = (self.outputs * POLY_SIZE, self.setting.output_bits());
+        EncryptedOutput {
+            setting: self.setting,
+            tokens: self.tokens,
+            outputs: self.outputs,
+            masks: unpack(self.masks, count, bits),
+            bodies: unpack(self.bodies, count, bits),
+        }
+    }
+}
+
+fn unpack_serial_vec(bytes: &[u8], count: usize, bits: u32) -> Vec<u64> {
+    let mut out = vec![0u64; count];
+    unpack_serial(bytes, bits, &mut out);
+    out
+}
+
+/// Checks a response and returns its ciphertexts packed.
+pub fn decode_response_packed(bytes: &[u8]) -> Result<(CallHeader, PackedOutput<'_>), RlweError> {
     let h = decode_header(bytes, RESPONSE_MAGIC, "response")?;
-    let bits = h.setting.output_bits();
-    let half = packed_len(h.features * POLY_SIZE, bits);
+    let half = packed_len(h.features * POLY_SIZE, h.setting.output_bits());
     check_len(bytes, HEADER_LEN + 2 * half, "response")?;
-    let masks = unpack(&bytes[HEADER_LEN..HEADER_LEN + half], h.features * POLY_SIZE, bits);
-    let bodies = unpack(&bytes[HEADER_LEN + half..], h.features * POLY_SIZE, bits);
-    Ok((h.call, EncryptedOutput { setting: h.setting, tokens: h.tokens, outputs: h.features, masks, bodies }))
+    let (masks, bodies) = bytes[HEADER_LEN..].split_at(half);
+    Ok((h.call, PackedOutput { setting: h.setting, tokens: h.tokens, outputs: h.features, masks, bodies }))
+}
+
+pub fn decode_response(bytes: &[u8]) -> Result<(CallHeader, EncryptedOutput), RlweError> {
+    let (call, packed) = decode_response_packed(bytes)?;
+    Ok((call, packed.unpack()))
 }
 
 #[cfg(test)]

@@ -248,6 +248,13 @@ persistent_op!(Cast, "Cast");
 impl Op for Cast {
     op_common!();
 
+    /// A cast to the type a value already has (GPT-2 casts attention weights to the value's
+    /// type) is dropped when shapes are fixed, rather than copying the tensor and keeping a
+    /// second copy alive for the backward pass.
+    fn is_identity(&self, inputs: &[&Fact]) -> bool {
+        inputs.len() == 1 && inputs[0].dtype == self.to
+    }
+
     fn gradient(&self, g: &mut fhe_ir::GradBuilder) -> Result<Vec<Option<fhe_ir::OutletId>>, IrError> {
         crate::rules::cast(self.to, g)
     }

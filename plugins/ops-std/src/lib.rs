@@ -2,6 +2,7 @@
 //! and clear f32 kernels. `register_all` adds the ops and their ONNX builders to a registry.
 
 mod elementwise;
+mod gelu;
 mod grad_ops;
 mod linalg;
 mod loss;
@@ -12,9 +13,10 @@ mod rules;
 mod util;
 
 pub use elementwise::{Binary, BinaryFn, Cast, Compare, CompareFn, Unary, UnaryFn, Where};
+pub use gelu::{Gelu, GeluGrad, GELU_CUBIC, GELU_SQRT_2_OVER_PI};
 pub use grad_ops::{sum_to_shape, LayerNormGrad, ReduceMeanGrad, SoftmaxGrad, SumToShapeOf};
 pub use linalg::{matmul, Gemm, MatMul};
-pub use loss::{CrossEntropy, CrossEntropyGrad, IGNORE_INDEX};
+pub use loss::{CrossEntropy, CrossEntropyGrad, ProjectedCrossEntropy, IGNORE_INDEX};
 pub use movement::{
     Concat, ConstantOfShape, Expand, Gather, Range, Reshape, Scalar, ShapeOf, SliceOp, Split, Squeeze, Transpose, Unsqueeze,
 };
@@ -52,5 +54,8 @@ pub fn register_all(registry: &mut Registry) {
     registry.register_op::<ReduceMeanGrad>();
     registry.register_op::<CrossEntropy>();
     registry.register_op::<CrossEntropyGrad>();
+    registry.register_op::<ProjectedCrossEntropy>();
+    registry.register_op::<Gelu>();
+    registry.register_op::<GeluGrad>();
     onnx::register_builders(registry);
 }

@@ -41,6 +41,10 @@ struct Step {
 #[derive(Clone, Debug, Default)]
 pub struct Profile {
     pub entries: BTreeMap<String, ProfileEntry>,
+    /// Most bytes of clear values (constants included) alive at once during a run.
+    pub peak_live_bytes: usize,
+    /// The largest values alive at that moment: (producing node, bytes), largest first.
+    pub peak_values: Vec<(String, usize)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -84,6 +88,8 @@ pub struct Plan {
     inputs: Vec<(String, usize, Fact)>,
     outputs: Vec<(String, usize)>,
     n_slots: usize,
+    /// The node whose output each slot holds.
+    slot_owner: Vec<NodeId>,
 }
 
 impl Plan {
@@ -91,11 +97,13 @@ impl Plan {
         let spec = specialize(graph, shapes)?;
         let graph = spec.graph;
         let mut slot_of: HashMap<OutletId, usize> = HashMap::new();
-        let order = graph.topo_order()?;
+        let mut slot_owner = Vec::new();
+        let order = graph.demand_order()?;
         for &id in &order {
             for slot in 0..graph.node(id).n_outputs {
                 let next = slot_of.len();
                 slot_of.insert(OutletId::new(id, slot), next);
+                slot_owner.push(id);
             }
         }
         let mut last_reader: HashMap<usize, usize> = HashMap::new();
@@ -131,7 +139,7 @@ impl Plan {
                 steps[step].release.push(slot);
             }
         }
-        Ok(Plan { graph, steps, constants, inputs, outputs, n_slots: slot_of.len() })
+        Ok(Plan { graph, steps, constants, inputs, outputs, n_slots: slot_of.len(), slot_owner })
     }
 
     /// Facts of the graph inputs this plan was made for.
@@ -200,6 +208,7 @@ impl Plan {
             if let Some(profile) = profile.as_deref_mut() {
                 let key = step.op.linear_call().map_or(step.op.kind(), |call| stage_key(call.stage));
                 profile.record(key, started.elapsed());
+                self.record_live_bytes(&slots, profile);
             }
         }
         self.outputs
@@ -212,6 +221,27 @@ impl Plan {
                 Ok((name.clone(), value))
             })
             .collect()
+    }
+
+    /// Updates the profile's peak of live clear bytes (a scan of all slots: profiling only).
+    fn record_live_bytes(&self, slots: &[Option<Value>], profile: &mut Profile) {
+        let bytes_of = |v: &Option<Value>| match v {
+            Some(Value::Clear(t)) => t.len() * t.dtype().size_of(),
+            _ => 0,
+        };
+        let live: usize = slots.iter().map(bytes_of).sum();
+        if live > profile.peak_live_bytes {
+            profile.peak_live_bytes = live;
+            let mut values: Vec<(String, usize)> = slots
+                .iter()
+                .enumerate()
+                .map(|(slot, v)| (self.graph.node(self.slot_owner[slot]).name.clone(), bytes_of(v)))
+                .filter(|(_, b)| *b > 0)
+                .collect();
+            values.sort_by(|a, b| b.1.cmp(&a.1));
+            values.truncate(12);
+            profile.peak_values = values;
+        }
     }
 
     /// One stage of a server call, handed to the backend. Sealed values have one reader, so

@@ -66,6 +66,9 @@ struct SideReport {
     down_bytes: u64,
     server_s: f64,
     peak_rss_mib: f64,
+    /// Most clear tensor bytes alive at once in the executor, and the largest of them.
+    peak_live_mib: f64,
+    peak_values: Vec<(String, f64)>,
 }
 
 const REPORT: &str = "REPORT ";
@@ -76,6 +79,10 @@ struct Options {
     seq: usize,
     steps: usize,
     ids_out: Option<PathBuf>,
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1 << 20) as f64
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -114,6 +121,8 @@ fn measure(client: &ClientArtifact, ids: &Tensor, steps: usize, backend: &dyn Li
         down_bytes: 0,
         server_s: 0.0,
         peak_rss_mib: 0.0,
+        peak_live_mib: mib(profile.peak_live_bytes),
+        peak_values: profile.peak_values.iter().map(|(name, b)| (name.clone(), mib(*b))).collect(),
     })
 }
 
@@ -241,6 +250,10 @@ fn orchestrate(options: &Options) -> Result<()> {
         "peak RSS: client {:.0} MiB (target ≤ 1.5 GB = 1431 MiB), server {server_rss:.0} MiB, clear baseline (client + clear server in one process) {:.0} MiB",
         fhe.peak_rss_mib, clear.peak_rss_mib
     );
+    println!("executor's peak of live tensors (client side): {:.0} MiB; largest then:", fhe.peak_live_mib);
+    for (name, mib) in &fhe.peak_values {
+        println!("  {name:<60} {mib:7.1} MiB");
+    }
     println!("warm-up steps (plan building included): clear {:.2} s, encrypted {:.2} s", clear.warmup_s, fhe.warmup_s);
     println!("\nclear step by op kind (s per step):");
     let mut kinds: Vec<_> = clear.profile.iter().collect();
