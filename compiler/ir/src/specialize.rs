@@ -11,6 +11,9 @@ use crate::{Fact, Graph, IrError, NodeBody, OutletId, Tensor};
 pub struct Specialized {
     pub graph: Graph,
     pub facts: HashMap<OutletId, Fact>,
+    /// The fact of every outlet of the graph that was specialized, by its outlet there,
+    /// including values folded into constants or dropped as identities.
+    pub source_facts: HashMap<OutletId, Fact>,
 }
 
 impl Specialized {
@@ -107,8 +110,9 @@ pub fn specialize(graph: &Graph, shapes: &HashMap<String, Vec<usize>>) -> Result
     for output in graph.outputs() {
         out.add_output(output.name.clone(), map[&output.outlet])?;
     }
+    let source_facts = map.iter().map(|(old, new)| (*old, facts[new].clone())).collect();
     out.remove_unused();
     facts.retain(|outlet, _| out.contains(outlet.node));
-    Ok(Specialized { graph: out, facts })
+    Ok(Specialized { graph: out, facts, source_facts })
 }
 

@@ -129,25 +129,23 @@ pub fn smallest_shapes(graph: &Graph) -> HashMap<String, Vec<usize>> {
         .collect()
 }
 
-/// Names of the nodes whose outputs can carry a gradient: float values that stay dynamic
-/// once input shapes are fixed. Shape arithmetic (integers, or folded away) never does,
-/// even where it reads trainable activations through `Shape`.
-fn gradient_carriers(graph: &Graph) -> Result<HashSet<String>, PassError> {
+/// The nodes whose outputs can carry a gradient: float values that stay dynamic once input
+/// shapes are fixed. Shape arithmetic (integers, or folded away) never does, even where it
+/// reads trainable activations through `Shape`.
+fn gradient_carriers(graph: &Graph) -> Result<HashSet<NodeId>, PassError> {
     let spec = specialize(graph, &smallest_shapes(graph))?;
-    Ok(spec
-        .graph
+    Ok(graph
         .node_ids()
-        .filter(|&id| spec.fact(OutletId::new(id, 0)).dtype == DType::F32)
-        .map(|id| spec.graph.node(id).name.clone())
+        .filter(|&id| spec.source_facts.get(&OutletId::new(id, 0)).is_some_and(|f| f.dtype == DType::F32 && f.konst.is_none()))
         .collect())
 }
 
 /// Nodes whose value depends on any of `roots` through gradient-carrying values.
-fn depends_on(graph: &Graph, order: &[NodeId], roots: impl Iterator<Item = NodeId>, carriers: &HashSet<String>) -> HashSet<NodeId> {
+fn depends_on(graph: &Graph, order: &[NodeId], roots: impl Iterator<Item = NodeId>, carriers: &HashSet<NodeId>) -> HashSet<NodeId> {
     let mut set: HashSet<NodeId> = roots.collect();
     for &id in order {
         let node = graph.node(id);
-        if carriers.contains(&node.name) && node.inputs.iter().any(|i| set.contains(&i.node)) {
+        if carriers.contains(&id) && node.inputs.iter().any(|i| set.contains(&i.node)) {
             set.insert(id);
         }
     }

@@ -41,10 +41,13 @@ const NOISE_BLOCKS: u128 = (POLY_SIZE * 4 / BLOCK_BYTES) as u128;
 pub fn expand_masks(seed: u128, count: usize) -> Vec<u64> {
     let stream = Keystream::new(seed);
     let mut masks = vec![0u64; count * POLY_SIZE];
-    masks.par_chunks_mut(POLY_SIZE).enumerate().for_each_with(stream, |stream, (i, mask)| {
-        stream.fill_u64(i as u128 * MASK_BLOCKS, mask);
-    });
+    masks.par_chunks_mut(POLY_SIZE).enumerate().for_each_with(stream, |stream, (i, mask)| fill_mask(stream, i, mask));
     masks
+}
+
+/// Mask `i` of a seed's stream.
+fn fill_mask(stream: &mut Keystream, i: usize, mask: &mut [u64]) {
+    stream.fill_u64(i as u128 * MASK_BLOCKS, mask);
 }
 
 /// A TUniform(2^b) sample (every integer in [−2^b, 2^b], the two ends at half weight) from
@@ -72,12 +75,14 @@ pub fn encrypt(key: &ClientKey, setting: Setting, values: &[i8], tokens: usize, 
     let mut seeder = new_seeder();
     let seed = seeder.seed().0;
     // The noise has its own secret seed; only the mask seed travels.
-    let noise = Keystream::new(seeder.seed().0);
-    let masks = expand_masks(seed, inputs);
+    let streams = (Keystream::new(seed), Keystream::new(seeder.seed().0));
     let bits = setting.input_bits();
     let mut bodies = vec![0u64; inputs * POLY_SIZE];
-    // b = e + a·s + Δ·m, one ciphertext per input feature.
-    bodies.par_chunks_mut(POLY_SIZE).zip(masks.par_chunks(POLY_SIZE)).enumerate().for_each_with(noise, |noise, (i, (body, mask))| {
+    // b = e + a·s + Δ·m, one ciphertext per input feature; each mask is made where it is
+    // used, never all of them at once.
+    let per_thread = || (streams.clone(), vec![0u64; POLY_SIZE]);
+    bodies.par_chunks_mut(POLY_SIZE).enumerate().for_each_init(per_thread, |((masks, noise), mask), (i, body)| {
+        fill_mask(masks, i, mask);
         key.product().mul(mask, body);
         add_noise(noise, i as u128 * NOISE_BLOCKS, body);
         for (t, b) in body.iter_mut().enumerate() {
