@@ -23,33 +23,20 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel
+
+from export_gpt2 import add_model_args, build_model
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ids", required=True, help="safetensors file with `input_ids` [batch, seq] (bench_step --ids-out)")
-    p.add_argument("--n-embd", type=int, default=768)
-    p.add_argument("--n-layer", type=int, default=12)
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--n-positions", type=int, default=1024)
-    p.add_argument("--vocab-size", type=int, default=50257)
-    p.add_argument("--seed", type=int, default=0, help="the seed export_gpt2.py used")
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    config = GPT2Config(
-        vocab_size=args.vocab_size,
-        n_positions=args.n_positions,
-        n_embd=args.n_embd,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        attn_implementation="eager",
-    )
-    model = GPT2LMHeadModel(config)
+    model = build_model(args)
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True, bias="none")
     model = get_peft_model(model, lora).eval()
     ids = load_file(args.ids)["input_ids"].long()

@@ -28,6 +28,30 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
+def add_model_args(p):
+    """The GPT2Config options and the seed (shared with tools/bench_torch_step.py)."""
+    p.add_argument("--n-embd", type=int, default=768)
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--n-positions", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=50257)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_model(args):
+    """A GPT2LMHeadModel with random weights from `args.seed`: the same weights every time."""
+    torch.manual_seed(args.seed)
+    config = GPT2Config(
+        vocab_size=args.vocab_size,
+        n_positions=args.n_positions,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        attn_implementation="eager",
+    )
+    return GPT2LMHeadModel(config)
+
+
 class LogitsOnly(torch.nn.Module):
     """GPT2LMHeadModel returning only the logits, so the export has one output."""
 
@@ -42,12 +66,7 @@ class LogitsOnly(torch.nn.Module):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-embd", type=int, default=768)
-    p.add_argument("--n-layer", type=int, default=12)
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--n-positions", type=int, default=1024)
-    p.add_argument("--vocab-size", type=int, default=50257)
-    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p)
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 17 (below 17 LayerNorm is decomposed)")
     p.add_argument("--attention-mask", action="store_true", help="add an attention_mask input")
     p.add_argument("--out", required=True, help="path of the .onnx file to write")
@@ -56,16 +75,7 @@ def main():
     p.add_argument("--seq", type=int, default=16)
     args = p.parse_args()
 
-    torch.manual_seed(args.seed)
-    config = GPT2Config(
-        vocab_size=args.vocab_size,
-        n_positions=args.n_positions,
-        n_embd=args.n_embd,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        attn_implementation="eager",
-    )
-    model = GPT2LMHeadModel(config).eval()
+    model = build_model(args).eval()
     wrapper = LogitsOnly(model, args.attention_mask).eval()
 
     g = torch.Generator().manual_seed(args.seed + 1)

@@ -12,8 +12,8 @@ use fhe_exec::{unseal, ExecError, LinearBackend, Sealed};
 use fhe_ir::{Direction, LayerId, LinearCall, Tensor};
 use rayon::prelude::*;
 
-use crate::wire::{decode_response_packed, encode_request, CallHeader};
-use crate::{decrypt_ciphertext, encrypt, ClientKey, LinearServer, Setting, POLY_SIZE};
+use crate::wire::{decode_response_packed, CallHeader};
+use crate::{decrypt_ciphertext, encrypt_request, ClientKey, LinearServer, Setting, POLY_SIZE};
 
 /// How requests reach a server.
 pub trait Transport: Send + Sync {
@@ -99,19 +99,19 @@ impl LinearBackend for FheBackend {
             return Err(ExecError::Backend(format!("{} {} expects [tokens, {cols}], got {shape:?}", call.layer, call.direction)));
         }
         let tokens = shape[0];
-        let mut data = x.to_f32_vec()?;
+        let x = x.as_f32()?.as_standard_layout();
+        let mut data = x.as_slice().expect("standard layout");
+        let scaled;
         if call.direction == Direction::Backward {
-            data = scale_columns(&data, cols, &layer.weight_scales);
+            scaled = scale_columns(data, cols, &layer.weight_scales);
+            data = &scaled;
         }
-        let q = quantize_rows(&data, tokens, cols);
+        let q = quantize_rows(data, tokens, cols);
         let header = CallHeader { layer: call.layer, direction: call.direction };
         let messages = q
             .values
             .chunks(POLY_SIZE * cols)
-            .map(|chunk| {
-                let block = encrypt(&self.key, self.setting, chunk, chunk.len() / cols, cols).map_err(backend_error)?;
-                Ok(encode_request(header, &block))
-            })
+            .map(|chunk| encrypt_request(&self.key, self.setting, header, chunk, chunk.len() / cols, cols).map_err(backend_error))
             .collect::<Result<Vec<_>, ExecError>>()?;
         Ok(Box::new(Pending { tokens, row_scales: q.scales, messages }))
     }

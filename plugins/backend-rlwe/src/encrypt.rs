@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use tfhe::core_crypto::seeders::new_seeder;
 
 use crate::keystream::{Keystream, BLOCK_BYTES};
+use crate::wire::{pack_serial, packed_len, request_prefix, CallHeader};
 use crate::{restore_bits, round_to_bits, ClientKey, RlweError, Setting, DELTA_LOG2, NOISE_BOUND_LOG2, POLY_SIZE};
 
 /// n ciphertexts on their way to the server: masks as one seed, bodies rounded.
@@ -67,30 +68,73 @@ fn add_noise(stream: &mut Keystream, first_block: u128, body: &mut [u64]) {
     }
 }
 
-/// Encrypts a row-major `tokens × inputs` block of int8 values.
-pub fn encrypt(key: &ClientKey, setting: Setting, values: &[i8], tokens: usize, inputs: usize) -> Result<EncryptedBlock, RlweError> {
-    if tokens == 0 || tokens > POLY_SIZE || values.len() != tokens * inputs {
-        return Err(RlweError::Shape(format!("a block holds 1 to {POLY_SIZE} tokens; got {tokens} × {inputs} for {} values", values.len())));
+/// One block's encryption, feature by feature: `b = e + a·s + Δ·m`, each mask made where it
+/// is used, never all of them at once.
+struct Encryptor<'a> {
+    key: &'a ClientKey,
+    values: &'a [i8],
+    tokens: usize,
+    inputs: usize,
+    bits: u32,
+    seed: u128,
+    /// Mask stream (its seed travels) and noise stream (its seed never does).
+    streams: (Keystream, Keystream),
+}
+
+/// What each thread reuses: its copies of the streams and a mask buffer.
+type Scratch = ((Keystream, Keystream), Vec<u64>);
+
+impl<'a> Encryptor<'a> {
+    fn new(key: &'a ClientKey, setting: Setting, values: &'a [i8], tokens: usize, inputs: usize) -> Result<Encryptor<'a>, RlweError> {
+        if tokens == 0 || tokens > POLY_SIZE || values.len() != tokens * inputs {
+            return Err(RlweError::Shape(format!("a block holds 1 to {POLY_SIZE} tokens; got {tokens} × {inputs} for {} values", values.len())));
+        }
+        let mut seeder = new_seeder();
+        let seed = seeder.seed().0;
+        let streams = (Keystream::new(seed), Keystream::new(seeder.seed().0));
+        Ok(Encryptor { key, values, tokens, inputs, bits: setting.input_bits(), seed, streams })
     }
-    let mut seeder = new_seeder();
-    let seed = seeder.seed().0;
-    // The noise has its own secret seed; only the mask seed travels.
-    let streams = (Keystream::new(seed), Keystream::new(seeder.seed().0));
-    let bits = setting.input_bits();
-    let mut bodies = vec![0u64; inputs * POLY_SIZE];
-    // b = e + a·s + Δ·m, one ciphertext per input feature; each mask is made where it is
-    // used, never all of them at once.
-    let per_thread = || (streams.clone(), vec![0u64; POLY_SIZE]);
-    bodies.par_chunks_mut(POLY_SIZE).enumerate().for_each_init(per_thread, |((masks, noise), mask), (i, body)| {
+
+    fn scratch(&self) -> Scratch {
+        (self.streams.clone(), vec![0u64; POLY_SIZE])
+    }
+
+    /// The rounded body of input feature `i`.
+    fn feature(&self, ((masks, noise), mask): &mut Scratch, i: usize, body: &mut [u64]) {
         fill_mask(masks, i, mask);
-        key.product().mul(mask, body);
+        self.key.product().mul(mask, body);
         add_noise(noise, i as u128 * NOISE_BLOCKS, body);
         for (t, b) in body.iter_mut().enumerate() {
-            let message = if t < tokens { (values[t * inputs + i] as i64 as u64) << DELTA_LOG2 } else { 0 };
-            *b = round_to_bits(b.wrapping_add(message), bits);
+            let message = if t < self.tokens { (self.values[t * self.inputs + i] as i64 as u64) << DELTA_LOG2 } else { 0 };
+            *b = round_to_bits(b.wrapping_add(message), self.bits);
         }
-    });
-    Ok(EncryptedBlock { setting, tokens, inputs, seed, bodies })
+    }
+}
+
+/// Encrypts a row-major `tokens × inputs` block of int8 values.
+pub fn encrypt(key: &ClientKey, setting: Setting, values: &[i8], tokens: usize, inputs: usize) -> Result<EncryptedBlock, RlweError> {
+    let e = Encryptor::new(key, setting, values, tokens, inputs)?;
+    let mut bodies = vec![0u64; inputs * POLY_SIZE];
+    bodies.par_chunks_mut(POLY_SIZE).enumerate().for_each_init(|| e.scratch(), |scratch, (i, body)| e.feature(scratch, i, body));
+    Ok(EncryptedBlock { setting, tokens, inputs, seed: e.seed, bodies })
+}
+
+/// Encrypts straight into the bytes of a request (what `encode_request(call, &encrypt(…))`
+/// gives), packing each feature's body where it goes: no `inputs × N` array of 64-bit bodies.
+pub fn encrypt_request(key: &ClientKey, setting: Setting, call: CallHeader, values: &[i8], tokens: usize, inputs: usize) -> Result<Vec<u8>, RlweError> {
+    let e = Encryptor::new(key, setting, values, tokens, inputs)?;
+    let mut out = request_prefix(call, setting, tokens, inputs, e.seed);
+    let prefix = out.len();
+    let per_feature = packed_len(POLY_SIZE, e.bits);
+    out.resize(prefix + inputs * per_feature, 0);
+    out[prefix..].par_chunks_mut(per_feature).enumerate().for_each_init(
+        || (e.scratch(), vec![0u64; POLY_SIZE]),
+        |(scratch, body), (i, bytes)| {
+            e.feature(scratch, i, body);
+            pack_serial(body, e.bits, bytes);
+        },
+    );
+    Ok(out)
 }
 
 /// Decrypts one output ciphertext (mask and body rounded to `bits`, right-aligned) into the

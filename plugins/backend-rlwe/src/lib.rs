@@ -19,7 +19,7 @@ mod server;
 pub mod wire;
 
 pub use client::{FheBackend, LocalTransport, Reply, Traffic, Transport};
-pub use encrypt::{decrypt, decrypt_ciphertext, encrypt, expand_masks, EncryptedBlock, EncryptedOutput};
+pub use encrypt::{decrypt, decrypt_ciphertext, encrypt, encrypt_request, expand_masks, EncryptedBlock, EncryptedOutput};
 pub use error::RlweError;
 pub use kernel::{kernel_name, linear_combination, PackedWeights};
 pub use key::ClientKey;

@@ -39,7 +39,8 @@ pub fn pack(values: &[u64], bits: u32) -> Vec<u8> {
     out
 }
 
-fn pack_serial(values: &[u64], bits: u32, out: &mut [u8]) {
+/// Packs `values` into `out` from its first byte (exactly `packed_len(values.len(), bits)` long).
+pub fn pack_serial(values: &[u64], bits: u32, out: &mut [u8]) {
     let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
     let (mut acc, mut filled, mut at) = (0u128, 0u32, 0);
     for &v in values {
@@ -108,9 +109,16 @@ fn header(magic: &[u8; 4], setting: Setting, call: CallHeader, tokens: usize, fe
 }
 
 pub fn encode_request(call: CallHeader, block: &EncryptedBlock) -> Vec<u8> {
-    let mut out = header(REQUEST_MAGIC, block.setting, call, block.tokens, block.inputs);
-    out.extend_from_slice(&block.seed.to_le_bytes());
+    let mut out = request_prefix(call, block.setting, block.tokens, block.inputs, block.seed);
     out.extend_from_slice(&pack(&block.bodies, block.setting.input_bits()));
+    out
+}
+
+/// A request's header and seed; the packed bodies follow, `packed_len(N, input_bits)` bytes
+/// per input feature, in feature order.
+pub fn request_prefix(call: CallHeader, setting: Setting, tokens: usize, inputs: usize, seed: u128) -> Vec<u8> {
+    let mut out = header(REQUEST_MAGIC, setting, call, tokens, inputs);
+    out.extend_from_slice(&seed.to_le_bytes());
     out
 }
 

@@ -3,7 +3,7 @@
 //! every decoder refuses bad bytes without panicking.
 
 use fhe_backend_rlwe::wire::{decode_request, decode_response, encode_request, CallHeader, PROTOCOL_VERSION};
-use fhe_backend_rlwe::{decrypt, encrypt, ClientKey, LinearServer, RlweError, Setting, POLY_SIZE};
+use fhe_backend_rlwe::{decrypt, encrypt, encrypt_request, ClientKey, LinearServer, RlweError, Setting, POLY_SIZE};
 use fhe_ir::{Direction, LayerId};
 use rand::{Rng, SeedableRng};
 
@@ -99,6 +99,28 @@ fn compact_setting_error_is_small_and_unbiased() {
     let std = (errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / errors.len() as f64).sqrt();
     let worst = errors.iter().fold(0f64, |m, e| m.max(e.abs()));
     assert!(mean.abs() < 0.5 && (3.0..8.0).contains(&std) && worst <= 60.0, "compact error: mean {mean}, std {std}, worst {worst}");
+}
+
+#[test]
+fn requests_encrypted_in_place_are_the_same_requests() {
+    // The client's streaming path (`encrypt_request`) against `encode_request(encrypt(…))`:
+    // same layout, and the server's answer decrypts to the exact product.
+    let key = ClientKey::from_seed(12);
+    let mut rng = Rng64::seed_from_u64(13);
+    let (tokens, n_in, n_out) = (300, 48, 24);
+    let (x, w) = (random_i8(&mut rng, tokens * n_in), random_i8(&mut rng, n_in * n_out));
+    let server = LinearServer::from_weights(vec![(LayerId(0), n_in, n_out, w.clone())]);
+    let call = CallHeader { layer: LayerId(0), direction: Direction::Forward };
+    for setting in Setting::ALL {
+        let request = encrypt_request(&key, setting, call, &x, tokens, n_in).unwrap();
+        let (_, block) = decode_request(&request).unwrap();
+        assert_eq!((block.setting, block.tokens, block.inputs), (setting, tokens, n_in));
+        assert_eq!(encode_request(call, &block), request, "{setting}");
+        let (_, output) = decode_response(&server.handle(LayerId(0), Direction::Forward, &request).unwrap()).unwrap();
+        let (got, want) = (decrypt(&key, &output), exact_product(&x, tokens, &w, n_in, n_out, Direction::Forward));
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).max().unwrap();
+        assert!(worst <= if setting == Setting::Exact { 0 } else { 60 }, "{setting}: error {worst}");
+    }
 }
 
 #[test]
