@@ -45,6 +45,16 @@ pub struct Profile {
     pub peak_live_bytes: usize,
     /// The largest values alive at that moment: (producing node, bytes), largest first.
     pub peak_values: Vec<(String, usize)>,
+    /// The step after which the process's peak resident memory last grew, and that peak
+    /// in bytes (Linux `VmHWM`; absent elsewhere).
+    pub rss_peak: Option<(String, usize)>,
+}
+
+/// This process's peak resident memory so far, in bytes (Linux only).
+fn peak_resident_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: usize = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -209,6 +219,13 @@ impl Plan {
                 let key = step.op.linear_call().map_or(step.op.kind(), |call| stage_key(call.stage));
                 profile.record(key, started.elapsed());
                 self.record_live_bytes(&slots, profile);
+                if let Some(peak) = peak_resident_bytes() {
+                    match &profile.rss_peak {
+                        None => profile.rss_peak = Some(("(reached before profiling started)".into(), peak)),
+                        Some((_, before)) if peak > *before => profile.rss_peak = Some((format!("{} ({key})", node.name), peak)),
+                        Some(_) => {}
+                    }
+                }
             }
         }
         self.outputs
