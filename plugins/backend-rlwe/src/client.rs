@@ -67,6 +67,10 @@ struct Pending {
     messages: Vec<Vec<u8>>,
 }
 
+/// Output features decrypted per block in `open`: 64 × 2048 tokens × 4 B = 512 KB at a time.
+/// (Small enough that the tiny test model's layers span several blocks, partial ones too.)
+const OPEN_BLOCK: usize = 64;
+
 fn backend_error(e: impl std::fmt::Display) -> ExecError {
     ExecError::Backend(e.to_string())
 }
@@ -148,25 +152,30 @@ impl LinearBackend for FheBackend {
                 return Err(ExecError::Backend(format!("the server answered more than the {} tokens sent", pending.tokens)));
             }
             // One ciphertext (output feature) at a time, straight from the packed response,
-            // dequantized as it is decrypted: y·s_x[t]·s_w[j].
+            // dequantized as it is decrypted (y·s_x[t]·s_w[j]), a block of features at a time
+            // so only a block is ever held column-major.
             let row_scales = &pending.row_scales[first_token..first_token + tokens];
-            let mut by_column = vec![0f32; cols * tokens];
-            by_column.par_chunks_mut(tokens).enumerate().for_each_init(
-                || vec![0i64; tokens],
-                |values, (j, column)| {
-                    let (mask, body) = packed.ciphertext(j);
-                    decrypt_ciphertext(&self.key, &mask, &body, packed.setting.output_bits(), values);
-                    let cs = col_scales.map_or(1.0, |c| c[j]);
-                    for ((v, &y), &rs) in column.iter_mut().zip(values.iter()).zip(row_scales) {
-                        *v = y as f32 * rs * cs;
+            let rows = &mut out[first_token * cols..(first_token + tokens) * cols];
+            for j0 in (0..cols).step_by(OPEN_BLOCK) {
+                let width = OPEN_BLOCK.min(cols - j0);
+                let mut block = vec![0f32; width * tokens];
+                block.par_chunks_mut(tokens).enumerate().for_each_init(
+                    || vec![0i64; tokens],
+                    |values, (b, column)| {
+                        let (mask, body) = packed.ciphertext(j0 + b);
+                        decrypt_ciphertext(&self.key, &mask, &body, packed.setting.output_bits(), values);
+                        let cs = col_scales.map_or(1.0, |c| c[j0 + b]);
+                        for ((v, &y), &rs) in column.iter_mut().zip(values.iter()).zip(row_scales) {
+                            *v = y as f32 * rs * cs;
+                        }
+                    },
+                );
+                rows.par_chunks_mut(cols).enumerate().for_each(|(t, row)| {
+                    for (b, v) in row[j0..j0 + width].iter_mut().enumerate() {
+                        *v = block[b * tokens + t];
                     }
-                },
-            );
-            out[first_token * cols..(first_token + tokens) * cols].par_chunks_mut(cols).enumerate().for_each(|(t, row)| {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = by_column[j * tokens + t];
-                }
-            });
+                });
+            }
             first_token += tokens;
         }
         if first_token != pending.tokens {

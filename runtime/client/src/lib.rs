@@ -3,6 +3,7 @@
 //! other refusal into an error that carries the server's own explanation.
 
 use std::path::PathBuf;
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,10 +136,13 @@ impl HttpClient {
         let status = response.status().as_u16();
         let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).map(Duration::from_secs);
         let server_time = response.headers().get("server-timing").and_then(|v| v.to_str().ok()).and_then(parse_server_timing);
-        let bytes = match response.body_mut().with_config().limit(self.config.max_response).read_to_vec() {
-            Ok(b) => b,
-            Err(e) => return Attempt::Retry(format!("reading the response: {e}"), None),
-        };
+        // Sized from Content-Length up front: growing a Vec by doubling would briefly hold
+        // twice a 44 MB response, at the client's memory peak.
+        let expected = response.body().content_length().unwrap_or(0).min(self.config.max_response);
+        let mut bytes = Vec::with_capacity(expected as usize);
+        if let Err(e) = response.body_mut().with_config().limit(self.config.max_response).reader().read_to_end(&mut bytes) {
+            return Attempt::Retry(format!("reading the response: {e}"), None);
+        }
         match status {
             200 => Attempt::Done(Reply { body: bytes, server_time }),
             503 => Attempt::Retry("server busy (503)".into(), retry_after),
