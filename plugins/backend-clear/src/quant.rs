@@ -15,7 +15,7 @@ pub struct QuantizedRows {
 
 /// Quantizes each row with its own scale `max|row|/127`. An all-zero row gets scale 0: its
 /// products are exactly zero, and scale 0 keeps them zero even when the encrypted result
-/// carries the compact setting's ±2 decoding error (padding and ignored positions give
+/// carries the compact setting's small decoding error (padding and ignored positions give
 /// all-zero gradient rows).
 pub fn quantize_rows(data: &[f32], rows: usize, cols: usize) -> QuantizedRows {
     assert_eq!(data.len(), rows * cols, "block size");

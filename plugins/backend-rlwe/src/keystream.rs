@@ -35,7 +35,7 @@ impl Keystream {
 
     fn fill_words<T, const W: usize>(&mut self, first_block: u128, out: &mut [T], from_le: fn([u8; W]) -> T) {
         let per_batch = BYTES_PER_BATCH / W;
-        assert!(out.len() % per_batch == 0, "whole batches of {per_batch} words");
+        assert!(out.len().is_multiple_of(per_batch), "whole batches of {per_batch} words");
         for (b, words) in out.chunks_exact_mut(per_batch).enumerate() {
             let base = first_block + (b * AES_CALLS_PER_BATCH) as u128;
             let bytes = self.cipher.generate_batch(std::array::from_fn(|i| (base + i as u128).to_le()));

@@ -43,7 +43,7 @@ pub struct BackendArgs {
     token: Option<String>,
     #[arg(long, value_enum, default_value = "execute")]
     fhe: Fhe,
-    /// Wire setting of --fhe execute: `compact` (8 bytes per output value) or `exact`
+    /// Wire setting of --fhe execute: `compact` (5 bytes per value up, 7 down) or `exact`
     /// (results equal the integer products; resumed runs then match uninterrupted ones).
     #[arg(long, default_value = "compact", value_parser = ["compact", "exact"])]
     setting: String,

@@ -45,9 +45,15 @@ pub struct Profile {
     pub peak_live_bytes: usize,
     /// The largest values alive at that moment: (producing node, bytes), largest first.
     pub peak_values: Vec<(String, usize)>,
-    /// The step after which the process's peak resident memory last grew, and that peak
-    /// in bytes (Linux `VmHWM`; absent elsewhere).
-    pub rss_peak: Option<(String, usize)>,
+    /// The process's peak resident memory (Linux `VmHWM`; absent elsewhere).
+    pub rss_peak: Option<RssPeak>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RssPeak {
+    pub bytes: usize,
+    /// The step after which it last grew; `None` if it did not grow while profiling.
+    pub grew_at: Option<String>,
 }
 
 /// This process's peak resident memory so far, in bytes (Linux only).
@@ -219,10 +225,12 @@ impl Plan {
                 let key = step.op.linear_call().map_or(step.op.kind(), |call| stage_key(call.stage));
                 profile.record(key, started.elapsed());
                 self.record_live_bytes(&slots, profile);
-                if let Some(peak) = peak_resident_bytes() {
+                if let Some(bytes) = peak_resident_bytes() {
                     match &profile.rss_peak {
-                        None => profile.rss_peak = Some(("(reached before profiling started)".into(), peak)),
-                        Some((_, before)) if peak > *before => profile.rss_peak = Some((format!("{} ({key})", node.name), peak)),
+                        None => profile.rss_peak = Some(RssPeak { bytes, grew_at: None }),
+                        Some(before) if bytes > before.bytes => {
+                            profile.rss_peak = Some(RssPeak { bytes, grew_at: Some(format!("{} ({key})", node.name)) })
+                        }
                         Some(_) => {}
                     }
                 }
@@ -255,7 +263,7 @@ impl Plan {
                 .map(|(slot, v)| (self.graph.node(self.slot_owner[slot]).name.clone(), bytes_of(v)))
                 .filter(|(_, b)| *b > 0)
                 .collect();
-            values.sort_by(|a, b| b.1.cmp(&a.1));
+            values.sort_by_key(|v| std::cmp::Reverse(v.1));
             values.truncate(12);
             profile.peak_values = values;
         }

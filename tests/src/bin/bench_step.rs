@@ -69,8 +69,8 @@ struct SideReport {
     /// Most clear tensor bytes alive at once in the executor, and the largest of them.
     peak_live_mib: f64,
     peak_values: Vec<(String, f64)>,
-    /// Where in the timed step the resident peak last grew, and to what.
-    rss_peak_at: Option<(String, f64)>,
+    /// Where in the timed step the resident peak last grew (`None`: it did not).
+    rss_peak_grew_at: Option<String>,
 }
 
 const REPORT: &str = "REPORT ";
@@ -125,7 +125,7 @@ fn measure(client: &ClientArtifact, ids: &Tensor, steps: usize, backend: &dyn Li
         peak_rss_mib: 0.0,
         peak_live_mib: mib(profile.peak_live_bytes),
         peak_values: profile.peak_values.iter().map(|(name, b)| (name.clone(), mib(*b))).collect(),
-        rss_peak_at: profile.rss_peak.map(|(name, b)| (name, mib(b))),
+        rss_peak_grew_at: profile.rss_peak.and_then(|p| p.grew_at),
     })
 }
 
@@ -253,8 +253,9 @@ fn orchestrate(options: &Options) -> Result<()> {
         "peak RSS: client {:.0} MiB (target ≤ 1.5 GB = 1431 MiB), server {server_rss:.0} MiB, clear baseline (client + clear server in one process) {:.0} MiB",
         fhe.peak_rss_mib, clear.peak_rss_mib
     );
-    if let Some((step, peak)) = &fhe.rss_peak_at {
-        println!("client resident peak last grew (to {peak:.0} MiB) during the timed step at {step}");
+    match &fhe.rss_peak_grew_at {
+        Some(step) => println!("the client's resident peak last grew in the timed step, at {step}"),
+        None => println!("the client's resident peak was reached in the warm-up step (plan building included)"),
     }
     println!("executor's peak of live tensors (client side): {:.0} MiB; largest then:", fhe.peak_live_mib);
     for (name, mib) in &fhe.peak_values {
