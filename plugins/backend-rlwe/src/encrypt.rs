@@ -154,8 +154,8 @@ pub fn decrypt(key: &ClientKey, output: &EncryptedOutput) -> Vec<i64> {
     let (tokens, outputs, bits) = (output.tokens, output.outputs, output.setting.output_bits());
     let mut columns = vec![0i64; outputs * tokens];
     columns.par_chunks_mut(tokens).enumerate().for_each(|(j, column)| {
-        let part = |v: &[u64]| v[j * POLY_SIZE..(j + 1) * POLY_SIZE].to_vec();
-        decrypt_ciphertext(key, &part(&output.masks), &part(&output.bodies), bits, column);
+        let at = j * POLY_SIZE..(j + 1) * POLY_SIZE;
+        decrypt_ciphertext(key, &output.masks[at.clone()], &output.bodies[at], bits, column);
     });
     // Column-major (one ciphertext per output) to row-major tokens × outputs.
     let mut rows = vec![0i64; tokens * outputs];

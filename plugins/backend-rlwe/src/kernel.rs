@@ -211,7 +211,7 @@ pub fn kernel_name() -> &'static str {
 /// of every `x` are zero (they are rounded values); the VNNI build then skips those limbs.
 pub fn linear_combination(weights: &PackedWeights, x: &[u64], width: usize, zero_bits: u32) -> Vec<u64> {
     assert!(width % COEF_BLOCK == 0 && x.len() == weights.n * width, "kernel shapes");
-    debug_assert!(x.iter().all(|v| zero_bits == 0 || v.trailing_zeros() >= zero_bits.min(64)), "low bits are zero");
+    debug_assert!(x.iter().all(|v| zero_bits == 0 || v.trailing_zeros() >= zero_bits), "low bits are zero");
     #[cfg(target_arch = "x86_64")]
     if has_vnni() {
         return match zero_bits / 8 {

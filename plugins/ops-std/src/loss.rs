@@ -29,10 +29,31 @@ fn rows<'a>(logits: &'a Tensor, labels: &Tensor) -> Result<(Vec<f32>, usize, Vec
         return Err(invalid!("logits {:?} and labels {:?} do not match", l.shape(), labels.shape()));
     }
     let labels = labels.to_i64_vec()?;
-    if let Some(bad) = labels.iter().find(|&&y| y != IGNORE_INDEX && !(0..vocab as i64).contains(&y)) {
-        return Err(invalid!("label {bad} is outside the vocabulary of {vocab} tokens"));
-    }
+    check_labels(&labels, vocab)?;
     Ok((l.as_standard_layout().iter().copied().collect(), vocab, labels))
+}
+
+fn check_labels(labels: &[i64], vocab: usize) -> Result<(), IrError> {
+    match labels.iter().find(|&&y| y != IGNORE_INDEX && !(0..vocab as i64).contains(&y)) {
+        Some(bad) => Err(invalid!("label {bad} is outside the vocabulary of {vocab} tokens")),
+        None => Ok(()),
+    }
+}
+
+/// Turns a row of logits into the loss gradient `(softmax − onehot(y))·scale`, in place, and
+/// returns the row's loss term `log Σ exp − logit[y]`; an ignored row becomes zeros, term 0.
+fn softmax_minus_onehot(row: &mut [f32], y: i64, scale: f32) -> f64 {
+    if y == IGNORE_INDEX {
+        row.fill(0.0);
+        return 0.0;
+    }
+    let lse = log_sum_exp(row);
+    let term = lse - row[y as usize] as f64;
+    for v in row.iter_mut() {
+        *v = ((*v as f64 - lse).exp() as f32) * scale;
+    }
+    row[y as usize] -= scale;
+    term
 }
 
 fn counted(labels: &[i64]) -> usize {
@@ -91,15 +112,7 @@ impl Op for CrossEntropyGrad {
         let upstream = inputs[2].to_f32_vec()?.first().copied().unwrap_or(1.0);
         let scale = upstream / counted(&labels).max(1) as f32;
         logits.par_chunks_mut(vocab.max(1)).zip(labels.par_iter()).for_each(|(row, &y)| {
-            if y == IGNORE_INDEX {
-                row.fill(0.0);
-                return;
-            }
-            let lse = log_sum_exp(row);
-            for v in row.iter_mut() {
-                *v = ((*v as f64 - lse).exp() as f32) * scale;
-            }
-            row[y as usize] -= scale;
+            softmax_minus_onehot(row, y, scale);
         });
         let shape = inputs[0].shape().to_vec();
         Ok(vec![Tensor::F32(ArrayD::from_shape_vec(shape, logits).map_err(|e| invalid!("{e}"))?)])
@@ -156,9 +169,7 @@ impl Op for ProjectedCrossEntropy {
         if h.shape().last() != Some(&e) || h.len() != labels.len() * e {
             return Err(invalid!("activations {:?} and labels {:?} do not match the weight {:?}", h.shape(), inputs[2].shape(), w.shape()));
         }
-        if let Some(bad) = labels.iter().find(|&&y| y != IGNORE_INDEX && !(0..vocab as i64).contains(&y)) {
-            return Err(invalid!("label {bad} is outside the vocabulary of {vocab} tokens"));
-        }
+        check_labels(&labels, vocab)?;
         let h = h.as_standard_layout();
         let h = h.as_slice().expect("standard layout");
         let scale = 1.0 / counted(&labels).max(1) as f32;
@@ -170,23 +181,7 @@ impl Op for ProjectedCrossEntropy {
             let mut logits = crate::matmul(&rows, w, false, self.transpose_b)?;
             // Logits → loss terms and (softmax − onehot)/count, in place.
             let slice = logits.as_slice_mut().expect("fresh array");
-            total += slice
-                .par_chunks_mut(vocab)
-                .zip(labels.par_iter())
-                .map(|(row, &y)| {
-                    if y == IGNORE_INDEX {
-                        row.fill(0.0);
-                        return 0.0;
-                    }
-                    let lse = log_sum_exp(row);
-                    let term = lse - row[y as usize] as f64;
-                    for v in row.iter_mut() {
-                        *v = ((*v as f64 - lse).exp() as f32) * scale;
-                    }
-                    row[y as usize] -= scale;
-                    term
-                })
-                .sum::<f64>();
+            total += slice.par_chunks_mut(vocab).zip(labels.par_iter()).map(|(row, &y)| softmax_minus_onehot(row, y, scale)).sum::<f64>();
             // ∂loss/∂h = G·w (tied: w is [V, E]) or G·wᵀ.
             let grad = crate::matmul(&logits, w, false, !self.transpose_b)?;
             dh.copy_from_slice(grad.as_slice().expect("fresh array"));

@@ -8,4 +8,4 @@ pub mod tensor_io;
 
 pub use backend::{unseal, LinearBackend, Sealed};
 pub use error::ExecError;
-pub use plan::{stage_key, Model, Plan, Profile, ProfileEntry, RssPeak};
+pub use plan::{stage_key, Model, Plan, Profile, RssPeak};

@@ -36,17 +36,20 @@ struct Step {
     release: Vec<usize>,
 }
 
-/// Wall time and count of the steps a plan ran, by op kind for clear ops and by stage for
-/// server calls (`server call: seal` …), summed over runs.
+/// Wall time of the steps a plan ran, by op kind for clear ops and by stage for server
+/// calls (`server call: seal` …), summed over runs.
 #[derive(Clone, Debug, Default)]
 pub struct Profile {
-    pub entries: BTreeMap<String, ProfileEntry>,
+    pub entries: BTreeMap<String, Duration>,
     /// Most bytes of clear values (constants included) alive at once during a run.
     pub peak_live_bytes: usize,
     /// The largest values alive at that moment: (producing node, bytes), largest first.
     pub peak_values: Vec<(String, usize)>,
     /// The process's peak resident memory (Linux `VmHWM`; absent elsewhere).
     pub rss_peak: Option<RssPeak>,
+    /// Time spent keeping this profile (counting bytes, reading `VmHWM`) between steps: part
+    /// of a profiled run's wall time, in none of the entries.
+    pub bookkeeping: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -63,26 +66,9 @@ fn peak_resident_bytes() -> Option<usize> {
     Some(kib * 1024)
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ProfileEntry {
-    pub calls: usize,
-    pub time: Duration,
-}
-
 impl Profile {
     fn record(&mut self, key: &str, time: Duration) {
-        let entry = self.entries.entry(key.to_string()).or_default();
-        entry.calls += 1;
-        entry.time += time;
-    }
-
-    /// Total time of the entries whose key starts with `prefix`.
-    pub fn time_of(&self, prefix: &str) -> Duration {
-        self.entries.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, e)| e.time).sum()
-    }
-
-    pub fn total(&self) -> Duration {
-        self.entries.values().map(|e| e.time).sum()
+        *self.entries.entry(key.to_string()).or_default() += time;
     }
 }
 
@@ -224,16 +210,9 @@ impl Plan {
             if let Some(profile) = profile.as_deref_mut() {
                 let key = step.op.linear_call().map_or(step.op.kind(), |call| stage_key(call.stage));
                 profile.record(key, started.elapsed());
-                self.record_live_bytes(&slots, profile);
-                if let Some(bytes) = peak_resident_bytes() {
-                    match &profile.rss_peak {
-                        None => profile.rss_peak = Some(RssPeak { bytes, grew_at: None }),
-                        Some(before) if bytes > before.bytes => {
-                            profile.rss_peak = Some(RssPeak { bytes, grew_at: Some(format!("{} ({key})", node.name)) })
-                        }
-                        Some(_) => {}
-                    }
-                }
+                let bookkeeping = Instant::now();
+                self.record_memory(&slots, &node.name, key, profile);
+                profile.bookkeeping += bookkeeping.elapsed();
             }
         }
         self.outputs
@@ -248,8 +227,16 @@ impl Plan {
             .collect()
     }
 
-    /// Updates the profile's peak of live clear bytes (a scan of all slots: profiling only).
-    fn record_live_bytes(&self, slots: &[Option<Value>], profile: &mut Profile) {
+    /// Updates the profile's peaks: of live clear bytes (a scan of all slots) and of the
+    /// process's resident memory, after step `node` (of profile key `key`).
+    fn record_memory(&self, slots: &[Option<Value>], node: &str, key: &str, profile: &mut Profile) {
+        if let Some(bytes) = peak_resident_bytes() {
+            match &profile.rss_peak {
+                None => profile.rss_peak = Some(RssPeak { bytes, grew_at: None }),
+                Some(before) if bytes > before.bytes => profile.rss_peak = Some(RssPeak { bytes, grew_at: Some(format!("{node} ({key})")) }),
+                Some(_) => {}
+            }
+        }
         let bytes_of = |v: &Option<Value>| match v {
             Some(Value::Clear(t)) => t.len() * t.dtype().size_of(),
             _ => 0,
